@@ -1,0 +1,70 @@
+"""Reference implementations of the paged-cache kernels: slow, clear, exact.
+
+They are the test oracle for the Triton and CUDA kernels and the path used on the CPU. Layouts (§ "paged
+cache" of DESIGN.md), per layer:
+
+    NHD  [num_blocks, block_size, num_kv_heads, head_dim]   vLLM's FlashAttention backend
+    HND  [num_blocks, num_kv_heads, block_size, head_dim]   FlashInfer's other layout
+"""
+from __future__ import annotations
+
+import torch
+
+LAYOUTS = ("NHD", "HND")
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def scatter_kv(src_k: torch.Tensor, src_v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               slot_mapping: torch.Tensor, *, layout: str = "NHD") -> None:
+    """Write tokens into paged K/V caches, as vLLM's ``reshape_and_cache_flash`` does.
+
+    Args:
+        src_k, src_v: ``[num_tokens, num_kv_heads, head_dim]``.
+        k_cache, v_cache: one layer's cache in ``layout`` (any strides).
+        slot_mapping: ``[num_tokens]`` int, ``block_id * block_size + offset``; ``-1`` skips the token
+            (padding in a batch), so it is filtered before any index arithmetic.
+
+    Example:
+        >>> kc = torch.zeros(4, 16, 2, 8); vc = torch.zeros_like(kc)
+        >>> k = torch.randn(3, 2, 8)
+        >>> scatter_kv(k, k, kc, vc, torch.tensor([17, -1, 0]))
+        >>> torch.equal(kc[1, 1], k[0]) and torch.equal(kc[0, 0], k[2])
+        True
+    """
+    check_layout(layout)
+    block_size = k_cache.shape[1] if layout == "NHD" else k_cache.shape[2]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].to(torch.long)
+    block_idx, block_offset = slots // block_size, slots % block_size
+    for src, cache in ((src_k, k_cache), (src_v, v_cache)):
+        if layout == "NHD":
+            cache[block_idx, block_offset] = src[keep]
+        else:
+            cache[block_idx, :, block_offset] = src[keep]
+
+
+def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int, *,
+              layout: str = "NHD") -> tuple[torch.Tensor, torch.Tensor]:
+    """Read one sequence's first ``num_tokens`` tokens out of paged caches.
+
+    Args:
+        k_cache, v_cache: one layer's cache in ``layout``.
+        block_table: ``[>= ceil(num_tokens / block_size)]`` int, the sequence's blocks in order.
+
+    Returns:
+        K and V, each a new contiguous ``[num_tokens, num_kv_heads, head_dim]`` tensor.
+    """
+    check_layout(layout)
+    block_size = k_cache.shape[1] if layout == "NHD" else k_cache.shape[2]
+    blocks = block_table[: -(-num_tokens // block_size)].to(torch.long)
+    out = []
+    for cache in (k_cache, v_cache):
+        paged = cache[blocks]  # [nb, bs, H, D] or [nb, H, bs, D]
+        if layout == "HND":
+            paged = paged.transpose(1, 2)
+        out.append(paged.reshape(-1, *paged.shape[2:])[:num_tokens].contiguous())
+    return out[0], out[1]

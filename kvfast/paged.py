@@ -1,0 +1,202 @@
+"""The paged KV cache: fixed-size blocks shared by reference count between sequences.
+
+Storage is one tensor per cache, ``[num_layers, 2 (K, V), *layer_shape]`` with ``layer_shape`` in vLLM's
+NHD ``[num_blocks, block_size, H, D]`` or FlashInfer's HND ``[num_blocks, H, block_size, D]``; a token at
+position ``p`` of a sequence lives in slot ``block_table[p // block_size] * block_size + p % block_size``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvfast import ops
+from kvfast.errors import CacheFullError
+from kvfast.fingerprint import kv_shape
+
+
+@dataclass
+class KVSequence:
+    """One sequence's view of the cache: its blocks in order and how many tokens it holds.
+
+    Returned by :func:`kvfast.load`, :meth:`PagedKVCache.new_sequence` and :meth:`PagedKVCache.fork`.
+    """
+
+    seq_id: int
+    block_table: list[int] = field(default_factory=list)
+    num_tokens: int = 0
+
+
+class BlockAllocator:
+    """Free list plus reference counts. A block returns to the free list when its count drops to 0."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self.refcount = np.zeros(num_blocks, dtype=np.int64)
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low block ids first
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        """``n`` fresh blocks with count 1; all or nothing."""
+        if n > len(self._free):
+            raise CacheFullError(f"need {n} free blocks, {len(self._free)} of {self.num_blocks} left; free "
+                                 "sequences or create the cache with more num_blocks")
+        blocks = [self._free.pop() for _ in range(n)]
+        self.refcount[blocks] = 1
+        return blocks
+
+    def incref(self, blocks: list[int]) -> None:
+        np.add.at(self.refcount, blocks, 1)
+
+    def decref(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.refcount[b] -= 1
+            if self.refcount[b] == 0:
+                self._free.append(b)
+            elif self.refcount[b] < 0:
+                raise RuntimeError(f"block {b} freed more often than allocated")
+
+
+class PagedKVCache:
+    """Per-layer paged K and V for many sequences, with copy-on-write sharing.
+
+    Args:
+        num_layers, num_kv_heads, head_dim: the model's KV shape.
+        num_blocks: blocks per layer (each holds ``block_size`` tokens of K and of V).
+        block_size: tokens per block.
+        dtype, device: of the storage.
+        layout: ``"NHD"`` (vLLM FlashAttention) or ``"HND"`` (FlashInfer).
+
+    Example:
+        >>> cache = PagedKVCache(2, 4, 8, num_blocks=8, block_size=16, dtype=torch.float32)
+        >>> seq = cache.new_sequence()
+        >>> slots = cache.append_slots(seq, 20)          # [20] slot ids, 2 blocks
+        >>> k = torch.randn(20, 4, 8)
+        >>> cache.write(0, slots, k, k)
+        >>> torch.equal(cache.gather(seq, 0)[0], k)
+        True
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, num_blocks: int,
+                 block_size: int = 16, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+                 layout: str = "NHD"):
+        ops.check_layout(layout)
+        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                            ("num_blocks", num_blocks), ("block_size", block_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.num_blocks, self.block_size, self.layout = num_blocks, block_size, layout
+        self.dtype, self.device = dtype, torch.device(device)
+        page = (block_size, num_kv_heads, head_dim) if layout == "NHD" else (num_kv_heads, block_size, head_dim)
+        # [num_layers, 2, num_blocks, *page]: zero-filled so no read ever sees another process's old memory
+        self.storage = torch.zeros(num_layers, 2, num_blocks, *page, dtype=dtype, device=self.device)
+        self.allocator = BlockAllocator(num_blocks)
+        self._next_seq_id = 0
+
+    @classmethod
+    def for_model(cls, model: Any, *, num_blocks: int, block_size: int = 16, layout: str = "NHD",
+                  device: str | torch.device | None = None) -> PagedKVCache:
+        """A cache shaped for a transformers model: its layers, KV heads, head_dim, dtype and device."""
+        layers, kv_heads, head_dim = kv_shape(model.config)
+        return cls(layers, kv_heads, head_dim, num_blocks=num_blocks, block_size=block_size, dtype=model.dtype,
+                   device=device if device is not None else model.device, layout=layout)
+
+    # -- per-layer views (what kernels and serving stacks see) -------------------------------------------
+    def key_cache(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s K pages, ``[num_blocks, block_size, H, D]`` (NHD) or ``[num_blocks, H, block_size, D]``."""
+        return self.storage[layer, 0]
+
+    def value_cache(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s V pages, same shape as :meth:`key_cache`."""
+        return self.storage[layer, 1]
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.allocator.num_free
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.allocator.num_free
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- sequences --------------------------------------------------------------------------------------
+    def new_sequence(self) -> KVSequence:
+        """An empty sequence; grow it with :meth:`append_slots`."""
+        seq = KVSequence(self._next_seq_id)
+        self._next_seq_id += 1
+        return seq
+
+    def append_slots(self, seq: KVSequence, n: int) -> torch.Tensor:
+        """Reserve slots for ``n`` more tokens of ``seq`` and return them, ``[n]`` int64 on the cache's device.
+
+        Allocates new blocks as needed. If the last block is partly filled and shared with another sequence,
+        it is copied first (copy on write), so the other sequence never sees these tokens. All or nothing:
+        raises :class:`CacheFullError` without changing ``seq`` when blocks run out.
+        """
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        start = seq.num_tokens
+        partial = start % self.block_size != 0
+        cow = partial and n > 0 and self.allocator.refcount[seq.block_table[-1]] > 1
+        need = self.blocks_for(start + n) - len(seq.block_table) + int(cow)
+        new = self.allocator.allocate(need) if need > 0 else []
+        if cow:
+            old, copy = seq.block_table[-1], new.pop(0)
+            self.storage[:, :, copy] = self.storage[:, :, old]
+            self.allocator.decref([old])
+            seq.block_table[-1] = copy
+        seq.block_table.extend(new)
+        seq.num_tokens = start + n
+        return self.slot_mapping(seq, start, start + n)
+
+    def slot_mapping(self, seq: KVSequence, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Slots of positions ``[start, stop)`` of ``seq``, ``[stop - start]`` int64."""
+        stop = seq.num_tokens if stop is None else stop
+        if not 0 <= start <= stop <= seq.num_tokens:
+            raise IndexError(f"positions {start}:{stop} outside the sequence's {seq.num_tokens} tokens")
+        pos = torch.arange(start, stop, dtype=torch.long)
+        table = torch.tensor(seq.block_table, dtype=torch.long)
+        return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.device)
+
+    def fork(self, seq: KVSequence) -> KVSequence:
+        """A new sequence sharing all of ``seq``'s blocks (no copy); either may then grow independently."""
+        self.allocator.incref(seq.block_table)
+        child = self.new_sequence()
+        child.block_table, child.num_tokens = list(seq.block_table), seq.num_tokens
+        return child
+
+    def free(self, seq: KVSequence) -> None:
+        """Drop ``seq``'s block references; blocks no other sequence holds return to the free list."""
+        self.allocator.decref(seq.block_table)
+        seq.block_table, seq.num_tokens = [], 0
+
+    # -- data -------------------------------------------------------------------------------------------
+    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k``, ``v`` (``[n, H, D]``, the cache's dtype) of layer ``layer`` at ``slot_mapping`` (-1 skips)."""
+        if k.dtype != self.dtype or v.dtype != self.dtype:
+            raise TypeError(f"K/V dtype {k.dtype}/{v.dtype} differs from the cache's {self.dtype}; kvfast never "
+                            "converts KV silently")
+        ops.scatter_kv(k, v, self.key_cache(layer), self.value_cache(layer), slot_mapping, layout=self.layout)
+
+    def gather(self, seq: KVSequence, layer: int, start: int = 0,
+               stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contiguous copies of K and V of ``seq`` at ``layer`` for positions ``[start, stop)``, each ``[n, H, D]``."""
+        stop = seq.num_tokens if stop is None else stop
+        if not 0 <= start <= stop <= seq.num_tokens:
+            raise IndexError(f"positions {start}:{stop} outside the sequence's {seq.num_tokens} tokens")
+        table = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
+        k, v = ops.gather_kv(self.key_cache(layer), self.value_cache(layer), table, stop, layout=self.layout)
+        return k[start:], v[start:]
+
+    def __repr__(self) -> str:
+        return (f"PagedKVCache(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"blocks={self.num_blocks}x{self.block_size}, dtype={self.dtype}, layout={self.layout}, "
+                f"used={self.num_used_blocks})")
