@@ -26,6 +26,7 @@ from kvfast.generate import GenerationOutput, generate
 from kvfast.hf import PagedCache, capture_kv, publish
 from kvfast.loader import load
 from kvfast.paged import KVSequence, PagedKVCache
+from kvfast.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,6 @@ __all__ = [
     "CacheFullError", "ChecksumError", "DtypeMismatchError", "FormatError", "GenerationOutput", "KVSequence",
     "KvfReader", "KvfastError", "LayoutError", "Manifest", "ManifestError", "ModelMismatchError", "NotKvfError",
     "PagedCache", "PagedKVCache", "ShapeMismatchError", "TokenMismatchError", "TruncatedFileError",
-    "UnsupportedCodecError", "UnsupportedVersionError", "backend", "block_hashes", "capture_kv",
-    "document_key", "fingerprint", "generate", "load", "open", "publish", "save_kv",
+    "UnsupportedCodecError", "UnsupportedVersionError", "VerifyReport", "backend", "block_hashes", "capture_kv",
+    "document_key", "fingerprint", "generate", "load", "open", "publish", "save_kv", "verify",
 ]

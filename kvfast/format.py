@@ -320,7 +320,7 @@ class KvfReader:
             self.manifest, self.chunks, self.data_start, tokens = self._parse()
             self.token_ids = self._read_token_ids(tokens)
         except BaseException:
-            os.close(self._fd)
+            self.close()
             raise
 
     # Size checks come before every read, so a hostile length never allocates or reads past the file.

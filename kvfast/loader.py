@@ -76,12 +76,12 @@ def load(
 def _check(reader: KvfReader, cache: PagedKVCache, model: Any | None, fingerprint: str | None,
            num_tokens: int | None, token_ids: Sequence[int] | torch.Tensor | None) -> int:
     m, where = reader.manifest, reader.path
-    if m.dtype != cache.dtype:
-        raise DtypeMismatchError(f"KV is {DTYPE_NAMES[m.dtype]} but the paged cache is {cache.dtype}; create the "
-                                 "cache with the file's dtype or re-publish in the model's dtype", path=where)
     if model is not None and model.dtype != m.dtype:
         raise DtypeMismatchError(f"KV is {DTYPE_NAMES[m.dtype]} but the model runs in {model.dtype}; publish "
                                  "the document with the model in the dtype you serve", path=where)
+    if m.dtype != cache.dtype:
+        raise DtypeMismatchError(f"KV is {DTYPE_NAMES[m.dtype]} but the paged cache is {cache.dtype}; create the "
+                                 "cache with the file's dtype or re-publish in the model's dtype", path=where)
     ours = (cache.num_layers, cache.num_kv_heads, cache.head_dim)
     theirs = (m.num_layers, m.num_kv_heads, m.head_dim)
     if ours != theirs:
