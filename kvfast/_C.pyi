@@ -1,6 +1,6 @@
 """Type stubs for kvfast._C, the native extension built from csrc/."""
 
-from collections.abc import Buffer
+from typing_extensions import Buffer
 
 def crc32c(data: Buffer, value: int = 0) -> int:
     """CRC-32C of a contiguous buffer, continuing from ``value`` (0 to start). Releases the GIL."""
