@@ -23,7 +23,7 @@ from kvfast.fingerprint import block_hashes, document_key, fingerprint
 from kvfast.format import KvfReader, Manifest, save_kv
 from kvfast.format import open_kvf as open  # noqa: A001 - kvfast.open mirrors safetensors.safe_open
 from kvfast.generate import GenerationOutput, generate
-from kvfast.hf import PagedCache, capture_kv, publish
+from kvfast.hf import PagedCache, capture_kv, extend, publish
 from kvfast.loader import load
 from kvfast.paged import KVSequence, PagedKVCache
 from kvfast.verify import VerifyReport, verify
@@ -35,5 +35,5 @@ __all__ = [
     "KvfReader", "KvfastError", "LayoutError", "Manifest", "ManifestError", "ModelMismatchError", "NotKvfError",
     "PagedCache", "PagedKVCache", "ShapeMismatchError", "TokenMismatchError", "TruncatedFileError",
     "UnsupportedCodecError", "UnsupportedVersionError", "VerifyReport", "backend", "block_hashes", "capture_kv",
-    "document_key", "fingerprint", "generate", "load", "open", "publish", "save_kv", "verify",
+    "document_key", "extend", "fingerprint", "generate", "load", "open", "publish", "save_kv", "verify",
 ]

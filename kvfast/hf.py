@@ -140,3 +140,18 @@ class PagedCache(Cache):
         k, v = self.cache.gather(self.seq, layer, 0, start + q)
         # [S, H, D] -> contiguous [1, H, S, D], the exact tensor DynamicCache would hand attention
         return k.transpose(0, 1).contiguous()[None], v.transpose(0, 1).contiguous()[None]
+
+
+@torch.no_grad()
+def extend(model: Any, cache: PagedKVCache, seq: KVSequence, token_ids: Sequence[int] | torch.Tensor, *,
+           prefill_chunk: int = DEFAULT_PREFILL_CHUNK, progress: bool = False) -> torch.Tensor:
+    """Prefill ``token_ids`` after what ``seq`` holds (e.g. the rest of a prompt past a loaded prefix).
+
+    Returns the logits after the last token, ``[vocab]``; ``seq`` grows by ``len(token_ids)``.
+    """
+    ids = _token_tensor(token_ids, model.device)
+    past = PagedCache(cache, seq)
+    for a in tqdm(range(0, ids.numel(), prefill_chunk), desc="prefill", unit="chunk", disable=not progress):
+        logits = model(input_ids=ids[None, a : a + prefill_chunk], past_key_values=past, use_cache=True,
+                       logits_to_keep=1).logits
+    return logits[0, -1]
