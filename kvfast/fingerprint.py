@@ -69,17 +69,28 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-# Weight digests are cached per model object; a parameter's (data_ptr, _version) changes whenever it is
-# replaced or modified in place, so a stale digest is never returned.
+# Weight digests are cached per model object, keyed by each parameter's (data_ptr, _version) -- which change
+# when it is replaced or modified in place through autograd-visible ops -- and a sample of its bytes, which
+# catches most edits through ``p.data``. An edit of single elements through ``p.data`` between samples is not
+# seen: call ``fingerprint(model, refresh=True)`` after such surgery.
+_PROBE = 4096
 _weights_cache: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
 
 
-def weights_digest(model: torch.nn.Module) -> str:
+def _probe(p: torch.Tensor) -> bytes:
+    """Bytes of up to ``_PROBE`` evenly spaced elements of ``p``, its last included."""
+    flat = p.detach().reshape(-1)
+    step = max(1, flat.numel() // _PROBE)
+    return torch.cat([flat[::step], flat[-1:]]).to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def weights_digest(model: torch.nn.Module, *, refresh: bool = False) -> str:
     """SHA-256 over every parameter's name, dtype, shape and bytes (tied parameters counted once)."""
     params = sorted(model.named_parameters(remove_duplicate=True), key=lambda kv: kv[0])
-    state = tuple((name, p.data_ptr(), p._version, p.dtype, tuple(p.shape)) for name, p in params)
+    # An edit through p.data bumps no version counter, so a strided sample of the bytes is part of the key too.
+    state = tuple((name, p.data_ptr(), p._version, p.dtype, tuple(p.shape), _probe(p)) for name, p in params)
     cached = _weights_cache.get(model)
-    if cached is not None and cached[0] == state:
+    if cached is not None and cached[0] == state and not refresh:
         return cached[1]
     h = hashlib.sha256()
     for name, p in params:
@@ -94,18 +105,19 @@ def _dtype_str(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def fingerprint(model: torch.nn.Module) -> str:
+def fingerprint(model: torch.nn.Module, *, refresh: bool = False) -> str:
     """The model fingerprint: ``"sha256:<hex>"`` over its KV-shaping config, dtype and weights.
 
     Two checkpoints with the same config but other weights get different fingerprints; so does the same
-    checkpoint in another dtype. Computed once per model object and cached until a parameter changes.
+    checkpoint in another dtype. Computed once per model object and cached until a parameter changes
+    (``refresh=True`` recomputes; see the note on ``_PROBE`` for edits through ``p.data``).
 
     Example:
         >>> fp = kvfast.fingerprint(model)  # doctest: +SKIP
         >>> fp[:7]
         'sha256:'
     """
-    statement = json.dumps({"config": model_config(model), "weights": weights_digest(model)},
+    statement = json.dumps({"config": model_config(model), "weights": weights_digest(model, refresh=refresh)},
                            sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(statement.encode()).hexdigest()
 

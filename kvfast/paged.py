@@ -54,12 +54,13 @@ class BlockAllocator:
         np.add.at(self.refcount, blocks, 1)
 
     def decref(self, blocks: list[int]) -> None:
+        held = np.bincount(np.asarray(blocks, dtype=np.int64), minlength=self.num_blocks)
+        if (held > self.refcount).any():  # check first, so a bad call changes nothing
+            raise RuntimeError(f"blocks {np.flatnonzero(held > self.refcount).tolist()} freed more often than held")
         for b in blocks:
             self.refcount[b] -= 1
             if self.refcount[b] == 0:
                 self._free.append(b)
-            elif self.refcount[b] < 0:
-                raise RuntimeError(f"block {b} freed more often than allocated")
 
 
 class PagedKVCache:
@@ -166,11 +167,28 @@ class PagedKVCache:
         table = torch.tensor(seq.block_table, dtype=torch.long)
         return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.device)
 
-    def fork(self, seq: KVSequence) -> KVSequence:
-        """A new sequence sharing all of ``seq``'s blocks (no copy); either may then grow independently."""
-        self.allocator.incref(seq.block_table)
+    def fork(self, seq: KVSequence, num_tokens: int | None = None) -> KVSequence:
+        """A new sequence sharing ``seq``'s blocks (no copy); either may then grow independently.
+
+        Args:
+            seq: the sequence to share.
+            num_tokens: share only the first ``num_tokens`` tokens (a prefix); default all. The child holds
+                only the blocks that prefix touches; a partly covered last block stays shared until the
+                child writes into it (copy on write in :meth:`append_slots`).
+
+        Returns:
+            The new sequence, ``num_tokens`` long.
+
+        Example:
+            >>> child = cache.fork(doc, num_tokens=48)  # doctest: +SKIP
+        """
+        n = seq.num_tokens if num_tokens is None else num_tokens
+        if not 0 <= n <= seq.num_tokens:
+            raise ValueError(f"num_tokens must be in [0, {seq.num_tokens}], got {num_tokens}")
+        blocks = seq.block_table[: self.blocks_for(n)]
+        self.allocator.incref(blocks)
         child = self.new_sequence()
-        child.block_table, child.num_tokens = list(seq.block_table), seq.num_tokens
+        child.block_table, child.num_tokens = list(blocks), n
         return child
 
     def free(self, seq: KVSequence) -> None:
