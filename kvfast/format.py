@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
+import secrets
 import struct
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,8 +204,10 @@ def save_kv(
     path = Path(path)
     if codec not in CODECS:
         raise UnsupportedCodecError(f"codec {codec!r} is not one of {list(CODECS)}", path=path)
-    if not 1 <= chunk_tokens <= MAX_CHUNK_TOKENS:
-        raise ValueError(f"chunk_tokens must be in [1, {MAX_CHUNK_TOKENS}], got {chunk_tokens}")
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, numbers.Integral) \
+            or not 1 <= chunk_tokens <= MAX_CHUNK_TOKENS:
+        raise ValueError(f"chunk_tokens must be an integer in [1, {MAX_CHUNK_TOKENS}], got {chunk_tokens!r}")
+    chunk_tokens = int(chunk_tokens)
     if len(keys) != len(values) or not 1 <= len(keys) <= MAX_LAYERS:
         raise ValueError(f"keys and values need the same number of layers (1..{MAX_LAYERS}), "
                          f"got {len(keys)} and {len(values)}")
@@ -262,7 +265,9 @@ def save_kv(
             f.write(p)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Not tempfile.mkstemp: its 0600 mode would survive the rename. O_EXCL with 0666 lets the umask decide.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write_region(f, 0, [preamble, manifest_bytes])
@@ -518,7 +523,10 @@ def _parse_json(raw: bytes, path: Path) -> dict[str, Any]:
 
     try:
         body = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=no_constants)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except ManifestError:  # from the hooks above; a ValueError too, so it must pass before the next clause
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, and int()
+        # refusing a literal longer than sys.get_int_max_str_digits() (4300 digits by default)
         raise ManifestError(f"manifest is not valid UTF-8 JSON: {exc}", path=path) from None
     if not isinstance(body, dict):
         raise ManifestError("manifest must be a JSON object", path=path)
@@ -606,6 +614,10 @@ def _validate_manifest(m: Manifest, path: Path) -> None:
     if not (1 <= m.num_kv_heads <= MAX_KV_HEADS and 1 <= m.head_dim <= MAX_HEAD_DIM
             and 1 <= m.num_tokens <= MAX_TOKENS):
         raise ValueError(f"{path}: KV shape out of the format's limits (§3)")
+    if not isinstance(m.fingerprint, str):
+        raise ValueError(f"fingerprint must be a string (kvfast.fingerprint(model)), got {m.fingerprint!r}")
+    if m.tokenizer is not None and not isinstance(m.tokenizer, str):
+        raise ValueError(f"tokenizer must be a string or None, got {m.tokenizer!r}")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in m.metadata.items()):
         raise ValueError("metadata must map strings to strings")
     json.dumps(m.to_json(), allow_nan=False)  # config must be plain JSON
