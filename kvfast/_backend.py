@@ -1,6 +1,9 @@
 """The one place that decides which implementation runs: the native extension or the Python reference."""
 from __future__ import annotations
 
+import functools
+import importlib
+import os
 import warnings
 
 try:
@@ -28,3 +31,43 @@ def backend() -> dict[str, str]:
     if native is None:
         return {"io": "python", "crc32c": "crc32c-package"}
     return {"io": "native", "crc32c": native.crc32c_impl()}
+
+
+# -- paged-cache kernels (scatter / gather) ---------------------------------------------------------------
+# On a GPU, the order to try, fastest first. It is meant to follow bench/bench_kernels.py's numbers
+# (bench/RESULTS.md); until a GPU run records them, CUDA leads because it needs no JIT warm-up and copies in
+# 16-byte words by construction. KVFAST_KERNELS=cuda|triton|torch forces one (and fails if it is missing).
+GPU_KERNEL_ORDER = ("cuda", "triton", "torch")
+_KERNEL_MODULES = {"cuda": "kvfast.kernels.cuda", "triton": "kvfast.kernels.paged_kv", "torch": "kvfast.ops"}
+
+
+def paged_kernels(device) -> tuple[str, object]:
+    """The scatter/gather implementation for caches on ``device``: ``(name, module)``.
+
+    The module has ``scatter_kv``, ``scatter_kv_layers`` and ``gather_kv`` with the signatures of
+    :mod:`kvfast.ops`. CPU (and any non-CUDA) tensors always use that PyTorch reference; CUDA tensors use the
+    first importable of ``GPU_KERNEL_ORDER``, or ``KVFAST_KERNELS`` when set.
+
+    Example:
+        >>> paged_kernels("cpu")[0]
+        'torch'
+    """
+    import torch
+
+    requested = os.environ.get("KVFAST_KERNELS") or None
+    if requested is not None and requested not in _KERNEL_MODULES:
+        raise ValueError(f"KVFAST_KERNELS must be one of {sorted(_KERNEL_MODULES)}, got {requested!r}")
+    return _paged_kernels(torch.device(device).type, requested)
+
+
+@functools.lru_cache(maxsize=None)
+def _paged_kernels(device_type: str, requested: str | None) -> tuple[str, object]:
+    if device_type != "cuda":
+        return "torch", importlib.import_module(_KERNEL_MODULES["torch"])
+    missing = []
+    for name in (requested,) if requested else GPU_KERNEL_ORDER:
+        try:
+            return name, importlib.import_module(_KERNEL_MODULES[name])
+        except ImportError as exc:  # not built (no nvcc) or no triton: try the next
+            missing.append(f"{name} ({exc})")
+    raise RuntimeError(f"no paged-cache kernels available: {'; '.join(missing)}")

@@ -68,3 +68,34 @@ def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.T
             paged = paged.transpose(1, 2)
         out.append(paged.reshape(-1, *paged.shape[2:])[:num_tokens].contiguous())
     return out[0], out[1]
+
+
+def scatter_kv_layers(src: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, *,
+                      layout: str = "NHD") -> None:
+    """Write a chunk of tokens for several layers at once: :func:`scatter_kv` once per layer.
+
+    The loader's case: a staging buffer holds ``[layers, K/V, tokens, H, D]`` (a .kvf token range of several
+    layers) and every layer's tokens go to the same slots.
+
+    Args:
+        src: ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]``; ``src[:, 0]`` is K, ``src[:, 1]`` is V.
+        cache: ``[num_layers, 2, num_blocks, *page]`` with ``page`` in ``layout`` (any strides), e.g.
+            ``PagedKVCache.storage`` or a slice of its layers; other stacks are views of this shape
+            (kv-first ``[2, L, ...]``: ``.transpose(0, 1)``).
+        slot_mapping: ``[num_tokens]`` int, as in :func:`scatter_kv`; ``-1`` skips the token in every layer.
+
+    Example:
+        >>> storage = torch.zeros(3, 2, 4, 16, 2, 8)             # [L, 2, blocks, block_size, H, D]
+        >>> src = torch.randn(3, 2, 5, 2, 8)
+        >>> scatter_kv_layers(src, storage, torch.tensor([0, 1, 2, -1, 40]))
+        >>> torch.equal(storage[2, 1, 2, 8], src[2, 1, 4])
+        True
+    """
+    check_layout(layout)
+    if src.dim() != 5 or src.shape[1] != 2 or cache.dim() != 6 or cache.shape[1] != 2:
+        raise ValueError(f"src must be [L, 2, T, H, D] and cache [L, 2, num_blocks, *page]; got {tuple(src.shape)} "
+                         f"and {tuple(cache.shape)}")
+    if src.shape[0] != cache.shape[0]:
+        raise ValueError(f"src has {src.shape[0]} layers but cache {cache.shape[0]}; slice the cache's layers")
+    for layer in range(src.shape[0]):
+        scatter_kv(src[layer, 0], src[layer, 1], cache[layer, 0], cache[layer, 1], slot_mapping, layout=layout)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from kvfast import ops
+from kvfast._backend import paged_kernels
 from kvfast.errors import CacheFullError
 from kvfast.fingerprint import kv_shape
 
@@ -202,7 +203,9 @@ class PagedKVCache:
         if k.dtype != self.dtype or v.dtype != self.dtype:
             raise TypeError(f"K/V dtype {k.dtype}/{v.dtype} differs from the cache's {self.dtype}; kvfast never "
                             "converts KV silently")
-        ops.scatter_kv(k, v, self.key_cache(layer), self.value_cache(layer), slot_mapping, layout=self.layout)
+        # Slots may come from the host; the GPU kernels (unlike torch indexing) need them on the cache's device.
+        self._kernels().scatter_kv(k, v, self.key_cache(layer), self.value_cache(layer), slot_mapping.to(self.device),
+                                   layout=self.layout)
 
     def gather(self, seq: KVSequence, layer: int, start: int = 0,
                stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,8 +214,13 @@ class PagedKVCache:
         if not 0 <= start <= stop <= seq.num_tokens:
             raise IndexError(f"positions {start}:{stop} outside the sequence's {seq.num_tokens} tokens")
         table = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
-        k, v = ops.gather_kv(self.key_cache(layer), self.value_cache(layer), table, stop, layout=self.layout)
+        k, v = self._kernels().gather_kv(self.key_cache(layer), self.value_cache(layer), table, stop,
+                                         layout=self.layout)
         return k[start:], v[start:]
+
+    def _kernels(self) -> Any:
+        # CPU caches stay on the PyTorch reference; CUDA caches use the GPU kernels kvfast._backend picks.
+        return ops if self.device.type != "cuda" else paged_kernels(self.device)[1]
 
     def __repr__(self) -> str:
         return (f"PagedKVCache(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
