@@ -1,7 +1,14 @@
-// kvfast._C: declarations and exports only; each routine lives in its own file.
+// kvfast._C: declarations, the checks at the Python boundary, and exports; each routine lives in its own file.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
 #include "crc32c.h"
+#include "paged_loader.h"
 
 namespace py = pybind11;
 
@@ -14,11 +21,190 @@ uint32_t py_crc32c(py::buffer data, uint32_t value) {
   return kvfast::crc32c(info.ptr, nbytes, value);
 }
 
+// ==========================================================================================================
+// LoadJob glue: validate once, here, then hand plain structs to the job
+// ==========================================================================================================
+[[noreturn]] void value_error(const std::string& msg) { throw py::value_error("kvfast._C.LoadJob: " + msg); }
+
+// A job plus the Python objects whose memory it writes into, released only after its threads stopped.
+struct PyLoadJob {
+  std::vector<py::object> keep_alive;  // destination page arrays (declared first: destroyed last)
+  std::unique_ptr<kvfast::LoadJob> job;
+  std::string method;
+  int threads = 0;
+
+  ~PyLoadJob() {
+    py::gil_scoped_release release;  // joining waits for the chunk each worker is on
+    job.reset();
+  }
+};
+
+// One destination page array: uint8 [num_blocks, block_size, H, head_bytes], any non-negative strides with a
+// contiguous last axis (what loader.py passes for NHD, or a permuted view for HND).
+uint8_t* page_pointer(const py::handle& obj, kvfast::PagedLayout* layout, bool first, const std::string& what) {
+  py::buffer buffer = py::reinterpret_borrow<py::buffer>(obj);
+  py::buffer_info info = buffer.request(/*writable=*/true);
+  if (info.ndim != 4 || info.itemsize != 1 || info.format != py::format_descriptor<uint8_t>::format())
+    value_error(what + " must be a 4-d uint8 array [num_blocks, block_size, num_heads, head_bytes]");
+  if (info.strides[3] != 1) value_error(what + " must be contiguous along its last axis (head_bytes)");
+  for (int i = 0; i < 4; ++i) {
+    if (info.shape[i] < 1) value_error(what + " has an empty axis");
+    if (info.strides[i] < 0) value_error(what + " has a negative stride");
+  }
+  kvfast::PagedLayout here;
+  here.num_blocks = info.shape[0];
+  here.block_size = info.shape[1];
+  here.num_heads = info.shape[2];
+  here.head_bytes = info.shape[3];
+  here.block_stride = info.strides[0];
+  here.token_stride = info.strides[1];
+  here.head_stride = info.strides[2];
+  if (first) {
+    *layout = here;
+  } else if (here.num_blocks != layout->num_blocks || here.block_size != layout->block_size ||
+             here.num_heads != layout->num_heads || here.head_bytes != layout->head_bytes ||
+             here.block_stride != layout->block_stride || here.token_stride != layout->token_stride ||
+             here.head_stride != layout->head_stride) {
+    value_error(what + " differs in shape or strides from the first destination");
+  }
+  return static_cast<uint8_t*>(info.ptr);
+}
+
+std::unique_ptr<PyLoadJob> make_job(int fd, py::array_t<int64_t, py::array::c_style | py::array::forcecast> chunks,
+                                    py::sequence dests,
+                                    py::array_t<int64_t, py::array::c_style | py::array::forcecast> block_table,
+                                    int64_t num_tokens, const std::string& method, int threads, bool verify,
+                                    uint64_t piece_bytes) {
+  auto result = std::make_unique<PyLoadJob>();
+  kvfast::LoadOptions options;
+  if (!kvfast::parse_method(method, &options.method))
+    value_error("method must be 'preadv', 'mmap' or 'odirect', got '" + method + "'");
+  if (threads < 1 || threads > 256) value_error("threads must be in [1, 256]");
+  if (piece_bytes < 4096 || piece_bytes > (1u << 30)) value_error("piece_bytes must be in [4096, 2**30]");
+  options.threads = threads;
+  options.verify = verify;
+  options.piece_bytes = piece_bytes;
+  if (fd < 0) value_error("fd must be an open file descriptor");
+  if (num_tokens < 1) value_error("num_tokens must be >= 1");
+
+  // destinations: [(K pages, V pages)] per layer, all of one geometry
+  kvfast::PagedLayout layout;
+  std::vector<kvfast::LayerDest> layer_dests;
+  const size_t num_layers = py::len(dests);
+  if (num_layers < 1) value_error("dests must name at least one layer");
+  for (size_t l = 0; l < num_layers; ++l) {
+    py::sequence pair = dests[l].cast<py::sequence>();
+    if (py::len(pair) != 2) value_error("dests[" + std::to_string(l) + "] must be (K pages, V pages)");
+    kvfast::LayerDest d;
+    for (int kv = 0; kv < 2; ++kv) {
+      py::object pages = pair[kv];
+      d.pages[kv] = page_pointer(pages, &layout, l == 0 && kv == 0,
+                                 "dests[" + std::to_string(l) + "][" + std::to_string(kv) + "]");
+      result->keep_alive.push_back(pages);
+    }
+    layer_dests.push_back(d);
+  }
+
+  // block table: the sequence's blocks in order, each a valid block id, enough for num_tokens
+  if (block_table.ndim() != 1) value_error("block_table must be 1-d");
+  std::vector<int64_t> table(block_table.data(), block_table.data() + block_table.size());
+  if (static_cast<int64_t>(table.size()) < (num_tokens + layout.block_size - 1) / layout.block_size)
+    value_error("block_table is too short for num_tokens");
+  for (int64_t b : table)
+    if (b < 0 || b >= layout.num_blocks) value_error("block_table holds a block id outside [0, num_blocks)");
+
+  // plan: [n, 7] rows (index, layer, start, stop, offset, length, crc32c), as kvfast.format validated them
+  if (chunks.ndim() != 2 || chunks.shape(1) != 7 || chunks.shape(0) < 1)
+    value_error("chunks must be [n >= 1, 7]: index, layer, start, stop, offset, length, crc32c");
+  const int64_t row = layout.row_bytes();
+  std::vector<kvfast::ChunkSpec> plan;
+  auto c = chunks.unchecked<2>();
+  for (py::ssize_t i = 0; i < chunks.shape(0); ++i) {
+    const int64_t layer = c(i, 1), start = c(i, 2), stop = c(i, 3), offset = c(i, 4), length = c(i, 5);
+    const std::string where = "chunks[" + std::to_string(i) + "]";
+    if (layer < 0 || layer >= static_cast<int64_t>(num_layers)) value_error(where + ": layer out of range");
+    if (start < 0 || stop <= start || start >= num_tokens) value_error(where + ": bad token range");
+    int64_t want = 0, end = 0;
+    if (__builtin_mul_overflow(stop - start, row, &want) || __builtin_mul_overflow(want, int64_t{2}, &want) ||
+        want != length)
+      value_error(where + ": length is not 2 * tokens * num_heads * head_bytes");
+    if (offset < 0 || __builtin_add_overflow(offset, length, &end)) value_error(where + ": bad offset");
+    if (c(i, 6) < 0 || c(i, 6) > 0xFFFFFFFFll) value_error(where + ": crc32c out of range");
+    if (i > 0 && layer < plan.back().layer) value_error("chunks must be in file order (layer-major)");
+    plan.push_back({c(i, 0), layer, start, stop, static_cast<uint64_t>(offset), static_cast<uint64_t>(length),
+                    static_cast<uint32_t>(c(i, 6))});
+  }
+
+  result->method = method;
+  result->threads = std::min<int>(threads, static_cast<int>(plan.size()));
+  try {
+    result->job = std::make_unique<kvfast::LoadJob>(fd, std::move(plan), layout, std::move(layer_dests),
+                                                    std::move(table), num_tokens, options);
+  } catch (const kvfast::SourceError& e) {
+    PyErr_SetObject(PyExc_OSError, py::make_tuple(e.status.err, e.status.detail).ptr());
+    throw py::error_already_set();
+  }
+  return result;
+}
+
+const char* kind_name(kvfast::ErrorKind kind) {
+  switch (kind) {
+    case kvfast::ErrorKind::kNone: return "none";
+    case kvfast::ErrorKind::kTruncated: return "truncated";
+    case kvfast::ErrorKind::kChecksum: return "checksum";
+    case kvfast::ErrorKind::kOs: return "os";
+    case kvfast::ErrorKind::kCancelled: return "cancelled";
+  }
+  return "?";
+}
+
+py::object job_error(const PyLoadJob& self) {
+  kvfast::LoadError e = self.job->error();
+  if (e.kind == kvfast::ErrorKind::kNone) return py::none();
+  return py::make_tuple(kind_name(e.kind), e.plan_pos, e.err, e.offset, e.detail);
+}
+
+void check_layer(const PyLoadJob& self, int64_t layer) {
+  const size_t num_layers = self.keep_alive.size() / 2;  // a (K, V) pair per layer
+  if (layer < 0 || layer >= static_cast<int64_t>(num_layers))
+    throw py::index_error("layer " + std::to_string(layer) + " out of range [0, " + std::to_string(num_layers) + ")");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "kvfast native routines (see kvfast/_C.pyi)";
   m.def("crc32c", &py_crc32c, py::arg("data"), py::arg("value") = 0,
         "CRC-32C of a contiguous buffer, continuing from `value` (0 to start). Releases the GIL.");
-  m.def("crc32c_impl", &kvfast::crc32c_impl, "Which CRC-32C implementation runs: 'sse4.2' or 'software'.");
+  m.def("crc32c_impl", &kvfast::crc32c_impl,
+        "Which CRC-32C implementation runs: 'avx512-vpclmulqdq', 'sse4.2' or 'software'.");
+
+  py::class_<PyLoadJob>(m, "LoadJob", "A load of .kvf chunks into host paged K/V pages, running on its own threads.")
+      .def(py::init(&make_job), py::arg("fd"), py::arg("chunks"), py::arg("dests"), py::arg("block_table"),
+           py::arg("num_tokens"), py::kw_only(), py::arg("method") = "preadv", py::arg("threads") = 1,
+           py::arg("verify") = true, py::arg("piece_bytes") = 256 << 10)
+      .def_readonly("method", &PyLoadJob::method)
+      .def_readonly("threads", &PyLoadJob::threads)
+      .def("layer_ready",
+           [](const PyLoadJob& self, int64_t layer) {
+             check_layer(self, layer);
+             return self.job->layer_ready(layer);
+           },
+           py::arg("layer"))
+      .def("wait_layer",
+           [](PyLoadJob& self, int64_t layer, double timeout) {
+             check_layer(self, layer);
+             py::gil_scoped_release release;
+             return self.job->wait_layer(layer, timeout);
+           },
+           py::arg("layer"), py::arg("timeout") = -1.0)
+      .def("wait",
+           [](PyLoadJob& self, double timeout) {
+             py::gil_scoped_release release;
+             return self.job->wait(timeout);
+           },
+           py::arg("timeout") = -1.0)
+      .def("finished", [](const PyLoadJob& self) { return self.job->finished(); })
+      .def("error", &job_error)
+      .def("cancel", [](PyLoadJob& self) { self.job->cancel(); });
 }

@@ -1,23 +1,48 @@
 """File -> staging -> paged cache: attach a .kvf document to a sequence of a :class:`PagedKVCache`.
 
-This is the pure-Python reference path (pread into a staging buffer, checksum, scatter). Every check that
-can refuse a file runs before the first block is allocated, and a failure while copying frees what was
-allocated: a failed load leaves the cache as it was.
+Two paths, chosen in one place (:func:`_choose`):
+
+- ``native`` (caches in host memory, when ``kvfast._C`` is built): a small pool of C++ threads, GIL released,
+  reads the chunks in file order in pieces of ``PIECE_BYTES`` and checksums each piece while it is in L2 (NHD
+  pages are filled straight from the file's runs of tokens; HND and other strides through a per-thread staging
+  buffer and a scatter). ``method`` picks how bytes come off the file: ``"preadv"`` (the default, by
+  measurement: bench/RESULTS.md), ``"mmap"`` or ``"odirect"``; csrc/file_source.h says how each copies.
+- ``python``: the reference. pread into a staging buffer, checksum, scatter with :mod:`kvfast.ops`. Any device.
+
+Every check that can refuse a file runs before the first block is allocated, and a failure while copying frees
+what was allocated: a failed load leaves the cache as it was. :func:`load_async` returns a :class:`LoadHandle`
+whose layers become ready in file order (layer-major), so attention over layer 0 can start early.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from kvfast.errors import DtypeMismatchError, ModelMismatchError, ShapeMismatchError, TokenMismatchError
+from kvfast._backend import native
+from kvfast.errors import (
+    CacheFullError,
+    ChecksumError,
+    DtypeMismatchError,
+    ModelMismatchError,
+    ShapeMismatchError,
+    TokenMismatchError,
+    TruncatedFileError,
+)
 from kvfast.fingerprint import fingerprint as model_fingerprint
 from kvfast.fingerprint import model_config
-from kvfast.format import DTYPE_NAMES, KvfReader, open_kvf
+from kvfast.format import DTYPE_NAMES, ChunkInfo, KvfReader, open_kvf
 from kvfast.paged import KVSequence, PagedKVCache
+
+BACKENDS = ("auto", "native", "python")
+METHODS = ("auto", "preadv", "mmap", "odirect")
+DEFAULT_METHOD = "preadv"  # what method="auto" runs; chosen by measurement (bench/RESULTS.md)
+DEFAULT_THREADS = min(4, os.cpu_count() or 1)  # copies are memory-bound: a few cores saturate memory
+PIECE_BYTES = 256 << 10  # native: bytes per read + checksum step, small enough to be checksummed from L2
 
 
 def load(
@@ -29,6 +54,9 @@ def load(
     num_tokens: int | None = None,
     token_ids: Sequence[int] | torch.Tensor | None = None,
     verify: bool = True,
+    threads: int | None = None,
+    backend: str = "auto",
+    method: str = "auto",
 ) -> KVSequence:
     """Load a document's KV from a .kvf file into new blocks of ``cache`` and return its sequence.
 
@@ -41,36 +69,183 @@ def load(
         token_ids: when given, the token ids the caller expects the loaded prefix to be; a difference raises
             :class:`TokenMismatchError` naming the first differing position.
         verify: check every chunk's checksum (turn off only for sources you trust).
+        threads: worker threads of the native path (default ``min(4, cpu_count)``); the Python path uses one.
+        backend: ``"auto"`` (native for caches in host memory when ``kvfast._C`` is built, else Python),
+            ``"native"`` or ``"python"`` to force one (tests, benchmarks).
+        method: how the native path reads: ``"auto"`` (= ``"preadv"``), ``"preadv"``, ``"mmap"`` or
+            ``"odirect"``; only ``"auto"`` with ``backend="python"``.
 
     Returns:
         A new :class:`KVSequence` holding ``num_tokens`` tokens. Free it with ``cache.free(seq)``.
 
     Raises:
-        FormatError (and subclasses): the file is invalid or corrupted.
+        FormatError (and subclasses): the file is invalid or corrupted (ChecksumError and TruncatedFileError
+            name the chunk).
         ModelMismatchError, DtypeMismatchError, ShapeMismatchError: the file is for another model or cache.
         TokenMismatchError: ``token_ids`` differ from the file's.
         CacheFullError: not enough free blocks.
+        OSError: the file could not be read (or ``method="odirect"`` on a filesystem without O_DIRECT).
 
     Example:
         >>> cache = kvfast.PagedKVCache.for_model(model, num_blocks=1024)  # doctest: +SKIP
         >>> seq = kvfast.load("doc.kvf", cache, model=model)                # doctest: +SKIP
     """
+    return _start(path, cache, model, fingerprint, num_tokens, token_ids, verify, threads, backend, method,
+                  blocking=True).wait()
+
+
+def load_async(
+    path: str | os.PathLike | KvfReader,
+    cache: PagedKVCache,
+    *,
+    model: Any | None = None,
+    fingerprint: str | None = None,
+    num_tokens: int | None = None,
+    token_ids: Sequence[int] | torch.Tensor | None = None,
+    verify: bool = True,
+    threads: int | None = None,
+    backend: str = "auto",
+    method: str = "auto",
+) -> LoadHandle:
+    """Start loading a document like :func:`load` and return at once with a :class:`LoadHandle`.
+
+    The checks (model, shape, dtype, tokens, free blocks) run before this returns and raise as in :func:`load`;
+    reading and checksumming the chunks runs in the background. Layers complete in file order, so
+    ``handle.wait_layer(0)`` returns long before the whole load is done. Call ``handle.wait()`` before using
+    the sequence past the layers you waited for: it returns the sequence, or raises the load's error after
+    freeing the sequence's blocks. Do not free the sequence or close a reader you passed while it runs.
+
+    Example:
+        >>> handle = kvfast.load_async("doc.kvf", cache, model=model)  # doctest: +SKIP
+        >>> handle.wait_layer(0)                                       # doctest: +SKIP
+        >>> ... attention over layer 0 of handle.sequence ...
+        >>> seq = handle.wait()                                        # doctest: +SKIP
+    """
+    return _start(path, cache, model, fingerprint, num_tokens, token_ids, verify, threads, backend, method,
+                  blocking=False)
+
+
+class LoadHandle:
+    """A load in progress (from :func:`load_async`).
+
+    Attributes:
+        sequence: the :class:`KVSequence` being filled; its blocks are allocated, its bytes arrive layer by layer.
+        backend: ``"native"`` or ``"python"``.
+        method: the native read method (``"preadv"``, ``"mmap"``, ``"odirect"``), or ``"python"``.
+    """
+
+    def __init__(self, sequence: KVSequence, job: _NativeJob | _PythonJob, cache: PagedKVCache, num_layers: int,
+                 backend: str, method: str):
+        self.sequence, self.backend, self.method = sequence, backend, method
+        self._job, self._cache, self._num_layers = job, cache, num_layers
+        self._lock = threading.Lock()
+        self._settled = False
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        """Whether the load has finished, successfully or not (``wait()`` then returns at once)."""
+        return self._job.finished()
+
+    def layer_ready(self, layer: int) -> bool:
+        """Whether layer ``layer``'s K and V are all in the cache, checked. Raises the load's error once it failed."""
+        self._check_layer(layer)
+        if self._job.failed():
+            self.wait()
+        return self._job.layer_ready(layer)
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> None:
+        """Block until layer ``layer`` is ready; raises the load's error if it failed, ``TimeoutError`` after
+        ``timeout`` seconds."""
+        self._check_layer(layer)
+        if not self._job.wait_layer(layer, timeout):
+            raise TimeoutError(f"layer {layer} not loaded within {timeout} s")
+        if self._job.failed():
+            self.wait()
+
+    def wait(self, timeout: float | None = None) -> KVSequence:
+        """Block until the whole load is done and return the sequence.
+
+        Raises the load's error (after freeing the sequence's blocks: the cache is as before the load), or
+        ``TimeoutError`` after ``timeout`` seconds (the load goes on).
+        """
+        if not self._job.wait(timeout):
+            raise TimeoutError(f"load not finished within {timeout} s")
+        with self._lock:
+            if not self._settled:
+                self._settled = True
+                self._error = self._job.exception()
+                if self._error is not None:
+                    self._cache.free(self.sequence)
+        if self._error is not None:
+            raise self._error
+        return self.sequence
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self._num_layers:
+            raise IndexError(f"layer {layer} out of range [0, {self._num_layers})")
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "loading"
+        return f"LoadHandle(seq={self.sequence.seq_id}, {self.backend}/{self.method}, {state})"
+
+
+def _start(path, cache, model, fingerprint, num_tokens, token_ids, verify, threads, backend, method, *,
+           blocking: bool) -> LoadHandle:
     if model is None and fingerprint is None:
-        raise TypeError("kvfast.load needs model= or fingerprint= to check the file was made by that model")
+        raise TypeError(f"kvfast.load({path.path if isinstance(path, KvfReader) else os.fspath(path)}) needs "
+                        "model= or fingerprint= to check the file was made by that model")
+    backend, method = _choose(backend, method, cache)
+    threads = DEFAULT_THREADS if threads is None else threads
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 256:
+        raise ValueError(f"threads must be an int in [1, 256], got {threads!r}")
     reader = path if isinstance(path, KvfReader) else open_kvf(path)
+    owned = reader is not path
     try:
         n = _check(reader, cache, model, fingerprint, num_tokens, token_ids)
         seq = cache.new_sequence()
-        slots = cache.append_slots(seq, n)
         try:
-            _copy(reader, cache, slots, n, verify)
-        except BaseException:
+            slots = cache.append_slots(seq, n)
+        except CacheFullError as e:
             cache.free(seq)
-            raise
-        return seq
-    finally:
-        if reader is not path:
+            raise CacheFullError(f"{reader.path}: cannot load {n} tokens: {e}") from None
+    except BaseException:
+        if owned:
             reader.close()
+        raise
+    try:
+        if backend == "native":
+            job: _NativeJob | _PythonJob = _NativeJob(reader, cache, seq, n, verify, threads, method)
+            if owned:
+                reader.close()  # the job reads through its own duplicate of the descriptor
+        else:
+            job = _PythonJob(reader, cache, slots, n, verify, close_reader=owned, blocking=blocking)
+    except BaseException:
+        cache.free(seq)
+        if owned:
+            reader.close()
+        raise
+    return LoadHandle(seq, job, cache, cache.num_layers, backend, method)
+
+
+def _choose(backend: str, method: str, cache: PagedKVCache) -> tuple[str, str]:
+    """(backend, method) to run: the one place the load path is decided."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    on_host = cache.device.type == "cpu"
+    if backend == "native":
+        if native is None:
+            raise RuntimeError("backend='native' needs the extension kvfast._C, which is not built; reinstall "
+                               "with KVFAST_REQUIRE_NATIVE=1 to see why")
+        if not on_host:
+            raise ValueError(f"the native loader fills caches in host memory; this cache is on {cache.device} "
+                             "(use backend='auto' or 'python')")
+    if backend == "python" and method != "auto":
+        raise ValueError(f"method={method!r} selects how the native path reads; backend='python' takes only 'auto'")
+    if backend == "native" or (backend == "auto" and native is not None and on_host):
+        return "native", DEFAULT_METHOD if method == "auto" else method
+    return "python", "python"
 
 
 def _check(reader: KvfReader, cache: PagedKVCache, model: Any | None, fingerprint: str | None,
@@ -116,7 +291,9 @@ def _mismatch_message(theirs: str, ours: str, config: Any, model: Any | None) ->
     return f"{msg}; same config but other weights: publish the document again with this checkpoint"
 
 
-def _copy(reader: KvfReader, cache: PagedKVCache, slots: torch.Tensor, n: int, verify: bool) -> None:
+def _copy(reader: KvfReader, cache: PagedKVCache, slots: torch.Tensor, n: int, verify: bool,
+          on_layer: Callable[[int], None] | None = None) -> None:
+    """The Python path: each chunk into a staging buffer, checked, then scattered; ``on_layer(l)`` after layer l."""
     staging = np.empty(max(c.raw_length for c in reader.chunks), dtype=np.uint8)
     for chunk in reader.chunks:
         if chunk.start >= n:
@@ -126,3 +303,121 @@ def _copy(reader: KvfReader, cache: PagedKVCache, slots: torch.Tensor, n: int, v
         stop = min(chunk.stop, n)
         t = stop - chunk.start
         cache.write(chunk.layer, slots[chunk.start : stop], k[:t].to(cache.device), v[:t].to(cache.device))
+        if on_layer is not None and stop == n:
+            on_layer(chunk.layer)  # the layer's last chunk in the load (layers are stored layer-major)
+
+
+# -- the two kinds of job behind a LoadHandle ----------------------------------------------------------------
+class _NativeJob:
+    """kvfast._C.LoadJob over the cache's pages: the plan, the destinations and the error mapping."""
+
+    def __init__(self, reader: KvfReader, cache: PagedKVCache, seq: KVSequence, n: int, verify: bool,
+                 threads: int, method: str):
+        self._plan = [c for c in reader.chunks if c.start < n]
+        self._path = reader.path
+        chunks = np.array([(c.index, c.layer, c.start, c.stop, c.offset, c.length, c.crc32c) for c in self._plan],
+                          dtype=np.int64).reshape(-1, 7)
+        dests = [(_pages(cache.key_cache(layer), cache.layout), _pages(cache.value_cache(layer), cache.layout))
+                 for layer in range(cache.num_layers)]
+        table = np.asarray(seq.block_table, dtype=np.int64)
+        # reader._fd: the descriptor kvfast.open validated; reopening the path could find another file
+        self._job = native.LoadJob(reader._fd, chunks, dests, table, n, method=method, threads=threads,
+                                   verify=verify, piece_bytes=PIECE_BYTES)
+
+    def finished(self) -> bool:
+        return self._job.finished()
+
+    def failed(self) -> bool:
+        return self._job.error() is not None
+
+    def layer_ready(self, layer: int) -> bool:
+        return self._job.layer_ready(layer)
+
+    def wait_layer(self, layer: int, timeout: float | None) -> bool:
+        return self._job.wait_layer(layer, -1.0 if timeout is None else max(0.0, timeout))
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._job.wait(-1.0 if timeout is None else max(0.0, timeout))
+
+    def exception(self) -> BaseException | None:
+        """The Python exception for the job's error, in the words of :meth:`KvfReader.read_chunk`."""
+        error = self._job.error()
+        if error is None:
+            return None
+        kind, pos, errno, offset, detail = error
+        if kind == "cancelled":
+            return RuntimeError("the load was cancelled")
+        c: ChunkInfo = self._plan[pos]
+        where = f"chunk {c.index} (layer {c.layer}, tokens {c.start}:{c.stop})"
+        if kind == "checksum":
+            return ChecksumError(f"{where} checksum mismatch: the file is corrupted; re-publish or fetch it again",
+                                 path=self._path)
+        if kind == "truncated":
+            return TruncatedFileError(f"{where}: {detail} at offset {offset} (the file shrank after it was "
+                                      "opened?)", path=self._path)
+        return OSError(errno, f"{where}: {detail}", str(self._path))
+
+
+def _pages(pages: torch.Tensor, layout: str) -> np.ndarray:
+    """One layer's K or V pages as the uint8 ``[num_blocks, block_size, H, head_dim * itemsize]`` array the native
+    loader writes into (a strided view for HND); shares memory with the cache."""
+    u8 = pages.view(torch.uint8)  # last axis: head_dim * itemsize bytes
+    if layout == "HND":  # [num_blocks, H, block_size, D] -> [num_blocks, block_size, H, D]
+        u8 = u8.permute(0, 2, 1, 3)
+    return u8.numpy()
+
+
+class _PythonJob:
+    """The reference path behind a LoadHandle: inline when blocking, else on one background thread."""
+
+    def __init__(self, reader: KvfReader, cache: PagedKVCache, slots: torch.Tensor, n: int, verify: bool, *,
+                 close_reader: bool, blocking: bool):
+        self._ready = [False] * cache.num_layers
+        self._finished = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        args = (reader, cache, slots, n, verify, close_reader)
+        if blocking:
+            self._run(*args)
+        else:
+            threading.Thread(target=self._run, args=args, name="kvfast-load", daemon=True).start()
+
+    def _run(self, reader, cache, slots, n, verify, close_reader) -> None:
+        try:
+            _copy(reader, cache, slots, n, verify, on_layer=self._layer_done)
+        except BaseException as exc:  # noqa: BLE001 - handed to wait()
+            self._error = exc
+        finally:
+            if close_reader:
+                reader.close()
+            with self._cond:
+                self._finished = True
+                self._cond.notify_all()
+
+    def _layer_done(self, layer: int) -> None:
+        with self._cond:
+            self._ready[layer] = True
+            self._cond.notify_all()
+
+    def finished(self) -> bool:
+        with self._cond:
+            return self._finished
+
+    def failed(self) -> bool:
+        with self._cond:
+            return self._error is not None
+
+    def layer_ready(self, layer: int) -> bool:
+        with self._cond:
+            return self._ready[layer]
+
+    def wait_layer(self, layer: int, timeout: float | None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._ready[layer] or self._finished, timeout)
+
+    def wait(self, timeout: float | None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._finished, timeout)
+
+    def exception(self) -> BaseException | None:
+        return self._error
