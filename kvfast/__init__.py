@@ -24,8 +24,9 @@ from kvfast.format import KvfReader, Manifest, save_kv
 from kvfast.format import open_kvf as open  # noqa: A001 - kvfast.open mirrors safetensors.safe_open
 from kvfast.generate import GenerationOutput, generate
 from kvfast.hf import PagedCache, capture_kv, extend, publish
-from kvfast.loader import load
+from kvfast.loader import load, load_async
 from kvfast.paged import KVSequence, PagedKVCache
+from kvfast.store import Store, StoreEntry, StoreKey, StoreMatch, StoreStats
 from kvfast.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
@@ -33,7 +34,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CacheFullError", "ChecksumError", "DtypeMismatchError", "FormatError", "GenerationOutput", "KVSequence",
     "KvfReader", "KvfastError", "LayoutError", "Manifest", "ManifestError", "ModelMismatchError", "NotKvfError",
-    "PagedCache", "PagedKVCache", "ShapeMismatchError", "TokenMismatchError", "TruncatedFileError",
+    "PagedCache", "PagedKVCache", "ShapeMismatchError", "Store", "StoreEntry", "StoreKey", "StoreMatch",
+    "StoreStats", "TokenMismatchError", "TruncatedFileError",
     "UnsupportedCodecError", "UnsupportedVersionError", "VerifyReport", "backend", "block_hashes", "capture_kv",
-    "document_key", "extend", "fingerprint", "generate", "load", "open", "publish", "save_kv", "verify",
+    "document_key", "extend", "fingerprint", "generate", "load", "load_async", "open", "publish", "save_kv", "verify",
 ]

@@ -172,6 +172,315 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_FAILED_CHECK
 
 
+# -- kvfast store: the provider-side store ---------------------------------------------------------------
+def _size(text: str) -> int:
+    """``"1048576"``, ``"512M"``, ``"8G"`` -> bytes (binary units)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1] if text and text[-1] in units else ""
+    try:
+        return int(float(text[: len(text) - len(unit)]) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 1048576, 512M, 8G)") from None
+
+
+def _open_store(args: argparse.Namespace) -> kvfast.Store:
+    disk = getattr(args, "disk_bytes", None)
+    return kvfast.Store(args.root, disk_bytes=disk)
+
+
+def cmd_store_put(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    for path in args.kv:
+        before = store.stats().puts
+        entry = store.put(path, verify=not args.no_verify)
+        what = "stored" if store.stats().puts > before else "already stored"
+        print(f"{what} {entry.key.document}  {entry.num_tokens} tokens  {entry.file_bytes / 1e6:.2f} MB  "
+              f"model {entry.key.fingerprint[:19]}...")
+    return 0
+
+
+def cmd_store_ls(args: argparse.Namespace) -> int:
+    entries = _open_store(args).list(args.model)
+    if args.json:
+        print(json.dumps([e.to_json() for e in entries]))
+        return 0
+    print(f"{'DOCUMENT KEY':<16}  {'MODEL':<22}  {'TOKENS':>8}  {'MB':>9}  {'DTYPE':<8}  LAST USED")
+    for e in entries:
+        try:
+            used = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.path.stat().st_mtime))
+        except FileNotFoundError:
+            used = "(removed)"
+        print(f"{e.key.document[:16]:<16}  {e.key.fingerprint[:19] + '...':<22}  {e.num_tokens:>8}  "
+              f"{e.file_bytes / 1e6:>9.2f}  {e.dtype:<8}  {used}")
+    print(f"{len(entries)} entries, {sum(e.file_bytes for e in entries) / 1e6:.2f} MB")
+    return 0
+
+
+def cmd_store_rm(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    entries = store.list(args.model)
+    for prefix in args.keys:
+        hits = [e for e in entries if e.key.document.startswith(prefix.lower())]
+        if len(hits) != 1 or len(prefix) < 4:
+            print(f"kvfast: error: {args.root}: key {prefix!r} matches {len(hits)} entries; give at least 4 hex "
+                  "digits of exactly one document key (see `kvfast store ls`), or --model", file=sys.stderr)
+            return EXIT_ERROR
+        store.remove(hits[0].key)
+        print(f"removed {hits[0].key.document}")
+    return 0
+
+
+def cmd_store_stats(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    s, entries = store.stats(), store.list()
+    if args.json:
+        print(json.dumps(s.to_json()))
+        return 0
+    rows = [("root", args.root), ("block tokens", store.block_tokens), ("entries", s.entries),
+            ("models", len({e.key.fingerprint for e in entries})),
+            ("tokens stored", f"{sum(e.num_tokens for e in entries):,}"),
+            ("disk bytes", f"{s.disk_bytes:,}")]
+    print(_table(rows))
+    return 0
+
+
+def cmd_store_gc(args: argparse.Namespace) -> int:
+    report = _open_store(args).gc(verify=args.verify)
+    print(json.dumps(report) if args.json else _table(list(report.items())))
+    return 0
+
+
+def add_store_parser(sub: Any) -> None:
+    """``kvfast store put|ls|rm|stats|gc ROOT ...``: manage a provider-side store (kvfast.Store)."""
+    sp = sub.add_parser("store", help="manage a provider-side KV store (put, ls, rm, stats, gc)",
+                        description="A content-addressed folder of .kvf documents keyed by (model fingerprint, "
+                                    "document key), shared by many processes; see kvfast.Store.")
+    ssub = sp.add_subparsers(dest="store_command", required=True, metavar="STORE_COMMAND")
+
+    def root_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("root", metavar="ROOT", help="the store's folder (created if absent)")
+
+    p = ssub.add_parser("put", help="publish .kvf files into the store (a stored document is a no-op)")
+    root_arg(p)
+    p.add_argument("kv", metavar="KV", nargs="+", help=".kvf files")
+    p.add_argument("--no-verify", action="store_true", help="skip the chunk checksum check of the copy")
+    p.set_defaults(func=cmd_store_put)
+
+    p = ssub.add_parser("ls", help="list stored documents")
+    root_arg(p)
+    p.add_argument("--model", metavar="FINGERPRINT", help="only this model's documents")
+    p.add_argument("--json", action="store_true", help="print one JSON list")
+    p.set_defaults(func=cmd_store_ls)
+
+    p = ssub.add_parser("rm", help="remove stored documents by document key (or a unique prefix of one)")
+    root_arg(p)
+    p.add_argument("keys", metavar="KEY", nargs="+", help="document keys or unique prefixes (>= 4 hex digits)")
+    p.add_argument("--model", metavar="FINGERPRINT", help="only among this model's documents")
+    p.set_defaults(func=cmd_store_rm)
+
+    p = ssub.add_parser("stats", help="entries and bytes on disk")
+    root_arg(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object (kvfast.StoreStats)")
+    p.set_defaults(func=cmd_store_stats)
+
+    p = ssub.add_parser("gc", help="remove leftovers of interrupted publishes, corrupt entries, and LRU entries "
+                                   "over a disk budget")
+    root_arg(p)
+    p.add_argument("--verify", action="store_true", help="also read every entry and drop corrupted ones")
+    p.add_argument("--disk-bytes", type=_size, metavar="SIZE", help="disk budget, e.g. 50G (LRU eviction)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_store_gc)
+
+
+# -- kvfast bench / kvfast cost: prefill vs reuse, measured and modelled ---------------------------------
+def _positive_ints(text: str) -> list[int]:
+    """``"256,512,1024"`` -> ``[256, 512, 1024]``."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"not a list of positive token counts: {text!r} (use e.g. 256,512,1024)")
+    return values
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kvfast import bench, configs
+
+    if args.plot:
+        try:
+            bench.require_matplotlib()
+        except ImportError as exc:
+            print(f"kvfast: error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        msg = "no CUDA device here (torch.cuda.is_available() is False)"
+        if args.skip_unavailable:
+            print(f"kvfast bench: {msg}; skipped")
+            return 0
+        print(f"kvfast: error: {msg}; use --device cpu", file=sys.stderr)
+        return EXIT_ERROR
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model = configs.load_model(args.model, dtype=DTYPES[args.dtype], device=device, seed=args.seed)
+    except ValueError as exc:
+        print(f"kvfast: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    label = configs.named(args.model) or Path(args.model).name
+    result = bench.run(model, args.lengths, label=label, question_tokens=args.question_tokens,
+                       repeats=args.repeats, prefill_repeats=args.prefill_repeats, prefill_chunk=args.prefill_chunk,
+                       cold=not args.no_cold, seed=args.seed, workdir=args.workdir, progress=not args.no_progress)
+    payload = result.to_json()
+    if args.save:
+        Path(args.save).write_text(json.dumps(payload, indent=1) + "\n")
+    if args.plot:
+        bench.plot(result, args.plot)
+    print(json.dumps(payload) if args.json else bench.format_table(result))
+    return 0
+
+
+def add_bench_parser(sub: Any) -> None:
+    """``kvfast bench MODEL --lengths ...``: measure prefill vs load+attach (kvfast.bench)."""
+    sp = sub.add_parser("bench", help="measure prefill vs loading the .kvf, by document length",
+                        description="For each length: the model's prefill of a random document, kvfast.load of "
+                                    "its .kvf into a paged cache (page cache hot and dropped), the first-token "
+                                    "latency of a question both ways, the ratio and the KV bytes. MODEL is a model "
+                                    "folder (trained weights, or random ones from its config.json) or a named "
+                                    "config (qwen3-0.6b, qwen3-4b) built with fixed-seed random weights.")
+    sp.add_argument("model", metavar="MODEL_DIR_OR_CONFIG", help="model folder, config.json, or qwen3-0.6b / qwen3-4b")
+    sp.add_argument("--lengths", type=_positive_ints, default=[256, 512, 1024, 2048, 4096],
+                    help="document lengths in tokens (default 256,512,1024,2048,4096)")
+    sp.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    sp.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="model and KV dtype (default bfloat16)")
+    sp.add_argument("--question-tokens", type=int, default=16, help="question length for first-token latency")
+    sp.add_argument("--repeats", type=int, default=3, help="timed runs of each load (best taken; default 3)")
+    sp.add_argument("--prefill-repeats", type=int, default=2, help="timed runs of each prefill (best taken; default 2)")
+    sp.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="tokens per prefill forward")
+    sp.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of random weights and token ids")
+    sp.add_argument("--no-cold", action="store_true", help="skip the loads with the file dropped from the page cache")
+    sp.add_argument("--workdir", metavar="DIR", help="where the temporary .kvf files go (default: the temp dir)")
+    sp.add_argument("--plot", metavar="PNG", help="draw time vs length and the ratio (needs matplotlib)")
+    sp.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    sp.add_argument("--save", metavar="JSON", help="also write the JSON result to this file")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.add_argument("--skip-unavailable", action="store_true",
+                    help="exit 0 with a message when --device cuda has no device (for bench/gpu_check.sh)")
+    sp.set_defaults(func=cmd_bench)
+
+
+def _dollars(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if x >= 1e6:
+        return f"${x / 1e6:,.2f}M"
+    if x >= 100:
+        return f"${x:,.0f}"
+    return f"${x:.3g}"
+
+
+def _times(x: float | None) -> str:
+    return "never" if x is None or x == float("inf") else f"{x:.3g}"
+
+
+def _cost_rows(r: Any) -> list[tuple[str, Any]]:
+    hw = r.hardware
+    ms = lambda s: "-" if s is None else f"{s:.3g} s" if s >= 1 else f"{s * 1e3:.3g} ms"  # noqa: E731
+    rows = [
+        ("source", r.source),
+        ("hardware", f"{hw['name']}: {hw['peak_flops'] / 1e12:g} TFLOP/s x mfu {hw['mfu']:g}, "
+                     f"{hw['memory_bytes_per_s'] / 1e12:g} TB/s memory, {hw['link_bytes_per_s'] / 1e9:g} GB/s link, "
+                     f"${hw['dollars_per_hour']:g}/h"),
+        ("KV bytes per token", f"{r.kv_bytes_per_token:,} B ({r.kv_bytes_per_token / 1e6:.4f} MB)"),
+        ("KV bytes of the document", f"{r.kv_bytes:,} B ({r.kv_bytes / 1e9:.3f} GB)"),
+        ("weight bytes per forward", f"{r.weight_bytes / 1e9:.2f} GB"),
+        ("FLOPs: prefill doc + question", f"{r.prefill_flops / 1e12:.3f} TFLOP"),
+        ("FLOPs: question after the doc", f"{r.question_flops / 1e12:.4f} TFLOP ({r.flops_ratio:.0f}x fewer)"),
+        ("per agent: prefill", f"{ms(r.prefill_s)}  {_dollars(r.prefill_dollars)}"),
+        ("per agent: load over the link", ms(r.load_s)),
+        ("per agent: reuse (load + question)", f"{ms(r.reuse_s)}  {_dollars(r.reuse_dollars)}  "
+                                               f"({r.saving:.3g}x cheaper)"),
+        ("per agent: reuse, KV resident", f"{ms(r.reuse_resident_s)}  {_dollars(r.reuse_resident_dollars)}"
+                                          + (f"  ({r.prefill_s / r.reuse_resident_s:.3g}x cheaper)"
+                                             if r.reuse_resident_s else "")),
+        ("per agent: egress of the KV", f"{_dollars(r.egress_dollars)} at ${r.egress_dollars_per_gb:g}/GB "
+                                        f"= {r.egress_vs_prefill:.3g}x the prefill it saves"),
+        ("break-even, hosted (loads)", _times(r.break_even_reuses)),
+        ("break-even, shipped (loads)", _times(r.break_even_shipped)),
+        (f"{r.agents:,.0f} agents: re-prefill", _dollars(r.total_reprefill_dollars)),
+        (f"{r.agents:,.0f} agents: reuse, hosted", f"{_dollars(r.total_reuse_dollars)}  "
+                                                   f"({r.total_reprefill_dollars / r.total_reuse_dollars:.3g}x less)"),
+        (f"{r.agents:,.0f} agents: reuse, shipped", _dollars(r.total_shipped_dollars)),
+        (f"tariff headroom ({r.cache_read_fraction:g}x cache read)", f"{r.tariff_headroom:.3g}x"
+         + (f" (KV resident: {r.tariff_headroom_resident:.3g}x)" if r.tariff_headroom_resident else "")),
+    ]
+    return rows + [("note", n) for n in r.notes]
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from kvfast import configs, cost
+
+    try:
+        config = configs.get_config(args.model)
+    except (ValueError, OSError) as exc:
+        print(f"kvfast: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    shape = cost.ModelShape.from_config(config, name=configs.named(args.model) or Path(args.model).name)
+    hw = cost.with_price(cost.HARDWARE[args.gpu], args.gpu_dollars_per_hour, args.mfu,
+                         args.link_gb_per_s * 1e9 if args.link_gb_per_s else None)
+    measured = None
+    if args.measured:
+        try:
+            measured = cost.measured_times(json.loads(Path(args.measured).read_text()), args.tokens)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            print(f"kvfast: error: {args.measured}: not a usable kvfast bench --json result: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+    report = cost.estimate(shape, args.tokens, agents=args.agents, hardware=hw, dtype_bytes=DTYPES[args.dtype].itemsize,
+                           question_tokens=args.question_tokens, chunk=args.prefill_chunk,
+                           egress_dollars_per_gb=args.egress_dollars_per_gb,
+                           cache_read_fraction=args.cache_read_fraction, batch=args.batch, measured=measured)
+    if measured is not None and measured.label and measured.label != shape.name:
+        report.notes.append(f"the bench measured {measured.label}, not {shape.name}: its seconds are priced as given")
+    if args.json:
+        print(json.dumps(report.to_json()))
+        return 0
+    print(f"kvfast cost: {shape.name}, {args.tokens}-token document, {args.question_tokens}-token question, "
+          f"{DTYPES[args.dtype].itemsize}-byte KV\n{_table(_cost_rows(report))}")
+    return 0
+
+
+def add_cost_parser(sub: Any) -> None:
+    """``kvfast cost --model M --tokens N --agents A``: prefill vs reuse in FLOPs, bytes and dollars (kvfast.cost)."""
+    from kvfast.cost import DEFAULT_CACHE_READ_FRACTION, DEFAULT_EGRESS_DOLLARS_PER_GB, HARDWARE
+
+    sp = sub.add_parser("cost", help="model prefill vs reuse: FLOPs, KV bytes, dollars, break-even",
+                        description="From first principles (a roofline over the model's matmul FLOPs and bytes) "
+                                    "or from a kvfast bench result (--measured): KV bytes per token, prefill FLOPs, "
+                                    "the reuse's cost, egress vs prefill per load, break-even reuse count, the "
+                                    "total for N agents, and the headroom of a 0.1x cache-read tariff.")
+    sp.add_argument("--model", required=True, help="named config (qwen3-0.6b, qwen3-4b), model folder or config.json")
+    sp.add_argument("--tokens", type=int, required=True, help="document tokens")
+    sp.add_argument("--agents", type=float, default=1.0, help="agents reading the document (e.g. 80e6)")
+    sp.add_argument("--question-tokens", type=int, default=16)
+    sp.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="KV and weight dtype (default bfloat16)")
+    sp.add_argument("--gpu", choices=sorted(HARDWARE), default="h100", help="hardware preset (default h100)")
+    sp.add_argument("--gpu-dollars-per-hour", type=float, help="price of the accelerator (default $2.00/h)")
+    sp.add_argument("--egress-dollars-per-gb", type=float, default=DEFAULT_EGRESS_DOLLARS_PER_GB,
+                    help=f"internet egress price (default ${DEFAULT_EGRESS_DOLLARS_PER_GB}/GB)")
+    sp.add_argument("--mfu", type=float, help="fraction of peak FLOP/s a prefill achieves (default 0.5)")
+    sp.add_argument("--link-gb-per-s", type=float, help="host->device bandwidth of a KV load, GB/s")
+    sp.add_argument("--batch", type=int, default=1, help="agents sharing each read of the weights (default 1)")
+    sp.add_argument("--cache-read-fraction", type=float, default=DEFAULT_CACHE_READ_FRACTION,
+                    help="cache-read price as a fraction of the input price (default 0.1)")
+    sp.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="tokens per prefill forward")
+    sp.add_argument("--measured", metavar="BENCH_JSON", help="use the seconds of a kvfast bench --json result")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+    sp.set_defaults(func=cmd_cost)
+
+
 # -- parser ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -238,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--layers", type=int, default=4)
     sp.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     sp.set_defaults(func=cmd_demo)
+    add_store_parser(sub)
+    add_bench_parser(sub)
+    add_cost_parser(sub)
     return p
 
 
