@@ -144,18 +144,21 @@ if Pybind11Extension is not None and NVCC is not None:
     ext_modules.append(
         NvccExtension(
             "kvfast._C_cuda",
-            ["csrc/cuda/bindings.cpp"],
+            # The GPU load job is kvfast._C's LoadJob with a CUDA sink: the host loader's sources are built in.
+            ["csrc/cuda/bindings.cpp", "csrc/cuda/gpu_sink.cpp",
+             *(f"csrc/{name}.cpp" for name in ("paged_loader", "file_source", "crc32c", "stream_copy", "load_plan"))],
             cuda_sources=sorted(glob("csrc/cuda/*.cu")),
             nvcc=NVCC,
             # Any change under csrc/cuda/ (kernels, header) rebuilds the objects and relinks the module.
             depends=sorted(glob("csrc/cuda/*.h") + glob("csrc/cuda/*.cu")),
-            include_dirs=["csrc/cuda", *cuda_includes],
+            include_dirs=["csrc/cuda", "csrc", *cuda_includes],
             library_dirs=cuda_libraries,
             # The static runtime: importing needs no libcudart.so, and the CUDA torch brings its own runtime
             # anyway; both drive the same device contexts through the driver.
             libraries=["cudart_static", "dl", "rt", "pthread"],
             cxx_std=17,
-            extra_compile_args=["-O3"],
+            extra_compile_args=["-O3", "-pthread"],
+            extra_link_args=["-pthread"],
         )
     )
 

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "crc32c.h"
+#include "load_plan.h"
 #include "paged_loader.h"
 
 namespace py = pybind11;
@@ -79,13 +80,11 @@ std::unique_ptr<PyLoadJob> make_job(int fd, py::array_t<int64_t, py::array::c_st
   kvfast::LoadOptions options;
   if (!kvfast::parse_method(method, &options.method))
     value_error("method must be 'preadv', 'mmap' or 'odirect', got '" + method + "'");
-  if (threads < 1 || threads > 256) value_error("threads must be in [1, 256]");
-  if (piece_bytes < 4096 || piece_bytes > (1u << 30)) value_error("piece_bytes must be in [4096, 2**30]");
+  std::string problem = kvfast::check_load_args(fd, num_tokens, threads, piece_bytes);
+  if (!problem.empty()) value_error(problem);
   options.threads = threads;
   options.verify = verify;
   options.piece_bytes = piece_bytes;
-  if (fd < 0) value_error("fd must be an open file descriptor");
-  if (num_tokens < 1) value_error("num_tokens must be >= 1");
 
   // destinations: [(K pages, V pages)] per layer, all of one geometry
   kvfast::PagedLayout layout;
@@ -105,35 +104,17 @@ std::unique_ptr<PyLoadJob> make_job(int fd, py::array_t<int64_t, py::array::c_st
     layer_dests.push_back(d);
   }
 
-  // block table: the sequence's blocks in order, each a valid block id, enough for num_tokens
+  // block table and plan: the same checks as kvfast._C_cuda's (load_plan.h)
   if (block_table.ndim() != 1) value_error("block_table must be 1-d");
   std::vector<int64_t> table(block_table.data(), block_table.data() + block_table.size());
-  if (static_cast<int64_t>(table.size()) < (num_tokens + layout.block_size - 1) / layout.block_size)
-    value_error("block_table is too short for num_tokens");
-  for (int64_t b : table)
-    if (b < 0 || b >= layout.num_blocks) value_error("block_table holds a block id outside [0, num_blocks)");
-
-  // plan: [n, 7] rows (index, layer, start, stop, offset, length, crc32c), as kvfast.format validated them
-  if (chunks.ndim() != 2 || chunks.shape(1) != 7 || chunks.shape(0) < 1)
+  problem = kvfast::check_block_table(table, num_tokens, layout);
+  if (!problem.empty()) value_error(problem);
+  if (chunks.ndim() != 2 || chunks.shape(1) != 7)
     value_error("chunks must be [n >= 1, 7]: index, layer, start, stop, offset, length, crc32c");
-  const int64_t row = layout.row_bytes();
   std::vector<kvfast::ChunkSpec> plan;
-  auto c = chunks.unchecked<2>();
-  for (py::ssize_t i = 0; i < chunks.shape(0); ++i) {
-    const int64_t layer = c(i, 1), start = c(i, 2), stop = c(i, 3), offset = c(i, 4), length = c(i, 5);
-    const std::string where = "chunks[" + std::to_string(i) + "]";
-    if (layer < 0 || layer >= static_cast<int64_t>(num_layers)) value_error(where + ": layer out of range");
-    if (start < 0 || stop <= start || start >= num_tokens) value_error(where + ": bad token range");
-    int64_t want = 0, end = 0;
-    if (__builtin_mul_overflow(stop - start, row, &want) || __builtin_mul_overflow(want, int64_t{2}, &want) ||
-        want != length)
-      value_error(where + ": length is not 2 * tokens * num_heads * head_bytes");
-    if (offset < 0 || __builtin_add_overflow(offset, length, &end)) value_error(where + ": bad offset");
-    if (c(i, 6) < 0 || c(i, 6) > 0xFFFFFFFFll) value_error(where + ": crc32c out of range");
-    if (i > 0 && layer < plan.back().layer) value_error("chunks must be in file order (layer-major)");
-    plan.push_back({c(i, 0), layer, start, stop, static_cast<uint64_t>(offset), static_cast<uint64_t>(length),
-                    static_cast<uint32_t>(c(i, 6))});
-  }
+  problem = kvfast::parse_plan(chunks.data(), chunks.shape(0), static_cast<int64_t>(num_layers), num_tokens,
+                               layout.row_bytes(), &plan);
+  if (!problem.empty()) value_error(problem);
 
   result->method = method;
   result->threads = std::min<int>(threads, static_cast<int>(plan.size()));
@@ -147,21 +128,10 @@ std::unique_ptr<PyLoadJob> make_job(int fd, py::array_t<int64_t, py::array::c_st
   return result;
 }
 
-const char* kind_name(kvfast::ErrorKind kind) {
-  switch (kind) {
-    case kvfast::ErrorKind::kNone: return "none";
-    case kvfast::ErrorKind::kTruncated: return "truncated";
-    case kvfast::ErrorKind::kChecksum: return "checksum";
-    case kvfast::ErrorKind::kOs: return "os";
-    case kvfast::ErrorKind::kCancelled: return "cancelled";
-  }
-  return "?";
-}
-
 py::object job_error(const PyLoadJob& self) {
   kvfast::LoadError e = self.job->error();
   if (e.kind == kvfast::ErrorKind::kNone) return py::none();
-  return py::make_tuple(kind_name(e.kind), e.plan_pos, e.err, e.offset, e.detail);
+  return py::make_tuple(kvfast::error_kind_name(e.kind), e.plan_pos, e.err, e.offset, e.detail);
 }
 
 void check_layer(const PyLoadJob& self, int64_t layer) {

@@ -20,6 +20,18 @@
 
 namespace kvfast {
 
+const char* error_kind_name(ErrorKind kind) {
+  switch (kind) {
+    case ErrorKind::kNone: return "none";
+    case ErrorKind::kTruncated: return "truncated";
+    case ErrorKind::kChecksum: return "checksum";
+    case ErrorKind::kOs: return "os";
+    case ErrorKind::kCancelled: return "cancelled";
+    case ErrorKind::kDevice: return "device";
+  }
+  return "?";
+}
+
 namespace {
 
 constexpr uint64_t kPage = 4096;  // chunk offsets are multiples of this (docs/FORMAT.md §2): O_DIRECT, mmap

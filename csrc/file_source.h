@@ -27,7 +27,9 @@ enum class Method { kPreadv, kMmap, kODirect };
 bool parse_method(const std::string& name, Method* out);
 const char* method_name(Method m);
 
-enum class ErrorKind { kNone = 0, kTruncated, kChecksum, kOs, kCancelled };
+enum class ErrorKind { kNone = 0, kTruncated, kChecksum, kOs, kCancelled, kDevice };  // kDevice: a CUDA call
+// "none", "truncated", "checksum", "os", "cancelled", "device": the name kvfast/loader.py maps to an exception.
+const char* error_kind_name(ErrorKind kind);
 
 // The outcome of one step. `offset` is the file offset the failure was seen at, `err` an errno for kOs.
 struct Status {

@@ -36,13 +36,15 @@ uint64_t round_up(uint64_t n, uint64_t a) { return (n + a - 1) / a * a; }
 // setup and teardown
 // ==========================================================================================================
 LoadJob::LoadJob(int fd, std::vector<ChunkSpec> plan, PagedLayout layout, std::vector<LayerDest> dests,
-                 std::vector<int64_t> block_table, int64_t num_tokens, LoadOptions options)
+                 std::vector<int64_t> block_table, int64_t num_tokens, LoadOptions options,
+                 std::shared_ptr<ChunkSink> sink)
     : plan_(std::move(plan)),
       layout_(layout),
       dests_(std::move(dests)),
       block_table_(std::move(block_table)),
       num_tokens_(num_tokens),
-      options_(options) {
+      options_(options),
+      sink_(std::move(sink)) {
   uint64_t file_end = 0;
   for (const ChunkSpec& c : plan_) {
     max_chunk_bytes_ = std::max(max_chunk_bytes_, c.length);
@@ -63,10 +65,12 @@ LoadJob::LoadJob(int fd, std::vector<ChunkSpec> plan, PagedLayout layout, std::v
   scratch_.resize(n);
   const int iov_count = max_iov();
   for (WorkerScratch& w : scratch_) {
-    const uint64_t staging_bytes = round_up(static_cast<uint64_t>(staging_rows(layout_.row_bytes()) *
-                                                                  layout_.row_bytes()), 4096);
-    w.staging = static_cast<uint8_t*>(std::aligned_alloc(4096, staging_bytes));
-    if (!w.staging || !source_->alloc_scratch(&w.source)) {
+    if (!sink_) {  // a sink brings its own staging
+      const uint64_t staging_bytes = round_up(static_cast<uint64_t>(staging_rows(layout_.row_bytes()) *
+                                                                    layout_.row_bytes()), 4096);
+      w.staging = static_cast<uint8_t*>(std::aligned_alloc(4096, staging_bytes));
+    }
+    if ((!sink_ && !w.staging) || !source_->alloc_scratch(&w.source)) {
       release_scratch();
       throw std::bad_alloc();
     }
@@ -113,12 +117,13 @@ void LoadJob::worker(WorkerScratch* w) {
     if (pos >= count || pos > first_error_.load()) break;
     const ChunkSpec& c = plan_[pos];
     Status s = source_->begin_chunk(c.offset, c.length, &w->source);
-    if (s.ok()) s = (layout_.rows_contiguous() && c.stop <= num_tokens_) ? load_direct(c, w) : load_staged(c, w);
-    if (s.ok()) {
-      chunk_done(c.layer);
-    } else {
-      fail(pos, std::move(s));
+    if (s.ok() && sink_) {
+      s = sink_->load(c, static_cast<int>(w - scratch_.data()), *source_, &w->source);
+    } else if (s.ok()) {
+      s = (layout_.rows_contiguous() && c.stop <= num_tokens_) ? load_direct(c, w) : load_staged(c, w);
     }
+    if (s.ok()) s = chunk_done(c.layer);
+    if (!s.ok()) fail(pos, std::move(s));
   }
   std::free(w->staging);  // done with this worker's buffers: a finished job holds no large memory
   w->staging = nullptr;
@@ -223,12 +228,17 @@ int64_t LoadJob::staging_rows(int64_t row) const {
 // ==========================================================================================================
 // completion and failure
 // ==========================================================================================================
-void LoadJob::chunk_done(int64_t layer) {
+Status LoadJob::chunk_done(int64_t layer) {
   if (remaining_[layer].fetch_sub(1) == 1) {
+    if (sink_) {
+      Status s = sink_->layer_complete(layer);
+      if (!s.ok()) return s;
+    }
     std::lock_guard<std::mutex> lock(mutex_);
     layer_done_[layer] = 1;
     cv_.notify_all();
   }
+  return {};
 }
 
 // Keeps the failure with the lowest plan position, so the error names the same chunk a sequential reader

@@ -16,10 +16,8 @@
 // Validation happens once, in the binding glue (bindings.cpp) and the Python caller: the job assumes its plan
 // and destinations are consistent, and only has to survive the file changing underneath it.
 //
-// Seams for a GPU destination (a CUDA staging ring, csrc/cuda/): FileSource::read fills any host buffer and
-// checksums on the way (stream=false keeps the bytes cached for the next step), so a worker can fill a pinned
-// staging slot, hand it to a stream (cudaMemcpyAsync + scatter kernel) and report the chunk done from the
-// copy's completion; the per-layer counters and wait_layer() then work unchanged.
+// A GPU destination plugs in as a ChunkSink (csrc/cuda/gpu_sink.h): the same workers, plan, failure handling
+// and per-layer counters, with each chunk read into a pinned staging slot and handed to a CUDA stream.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -90,6 +88,16 @@ struct SourceError : std::runtime_error {
 
 struct WorkerScratch;
 
+// A destination the job does not write itself: a GPU's paged cache (csrc/cuda/gpu_sink.h). Worker `worker`
+// hands it each chunk it takes, right after the source's begin_chunk; layer_complete(l) is called once, by the
+// worker whose chunk was the layer's last to return from load(). Both are called from worker threads.
+class ChunkSink {
+ public:
+  virtual ~ChunkSink() = default;
+  virtual Status load(const ChunkSpec& c, int worker, FileSource& source, SourceScratch* scratch) = 0;
+  virtual Status layer_complete(int64_t layer) = 0;
+};
+
 // One load in flight. Starts its threads in the constructor; the destructor cancels and joins them.
 class LoadJob {
  public:
@@ -97,9 +105,11 @@ class LoadJob {
   // major). dests: [num_layers]. block_table: [>= ceil(num_tokens / block_size)] block ids. Tokens
   // [0, num_tokens) are loaded; a chunk's tokens at or past num_tokens are read (to check its checksum) but
   // not stored. Throws SourceError when the file cannot be opened with the method, std::bad_alloc or
-  // std::system_error when buffers or threads cannot be had.
+  // std::system_error when buffers or threads cannot be had. With a sink, the sink writes each chunk (`dests`
+  // then only sizes the layer count) and the job's workers are numbered 0.. for it.
   LoadJob(int fd, std::vector<ChunkSpec> plan, PagedLayout layout, std::vector<LayerDest> dests,
-          std::vector<int64_t> block_table, int64_t num_tokens, LoadOptions options);
+          std::vector<int64_t> block_table, int64_t num_tokens, LoadOptions options,
+          std::shared_ptr<ChunkSink> sink = nullptr);
   ~LoadJob();
   LoadJob(const LoadJob&) = delete;
   LoadJob& operator=(const LoadJob&) = delete;
@@ -119,7 +129,7 @@ class LoadJob {
   Status load_staged(const ChunkSpec& c, WorkerScratch* w);
   int64_t staging_rows(int64_t row_bytes) const;  // token rows per staged piece: piece_bytes of them, >= 1
   void fail(int64_t plan_pos, Status s);
-  void chunk_done(int64_t layer);
+  Status chunk_done(int64_t layer);
   void release_scratch();
 
   std::vector<ChunkSpec> plan_;
@@ -131,6 +141,7 @@ class LoadJob {
   uint64_t max_chunk_bytes_ = 0;
   std::unique_ptr<FileSource> source_;
   std::vector<WorkerScratch> scratch_;  // [threads]
+  std::shared_ptr<ChunkSink> sink_;     // null: the job writes host pages itself
 
   std::atomic<int64_t> next_{0};                     // next plan position to take
   std::atomic<int64_t> first_error_{INT64_MAX};      // lowest failing plan position; later ones are skipped

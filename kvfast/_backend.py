@@ -16,6 +16,11 @@ except ImportError as exc:  # built without a C++ toolchain: correct, but slower
         stacklevel=2,
     )
 
+try:  # built only where nvcc was found; it imports (and reports 0 devices) on machines without a GPU
+    from kvfast import _C_cuda as native_cuda
+except ImportError:
+    native_cuda = None
+
 
 def crc32c(data, value: int = 0) -> int:
     """CRC-32C of a contiguous buffer (bytes, memoryview, numpy array), continuing from ``value``."""

@@ -7,6 +7,11 @@ Two paths, chosen in one place (:func:`_choose`):
   pages are filled straight from the file's runs of tokens; HND and other strides through a per-thread staging
   buffer and a scatter). ``method`` picks how bytes come off the file: ``"preadv"`` (the default, by
   measurement: bench/RESULTS.md), ``"mmap"`` or ``"odirect"``; csrc/file_source.h says how each copies.
+- ``native`` (caches in GPU memory, when ``kvfast._C_cuda`` is built): the same C++ workers read each chunk
+  into a small ring of pinned staging slots, checksum it there, and hand it to a CUDA stream per worker:
+  ``method="scatter"`` (the default) copies the chunk to the device and scatters it with the paged-cache
+  kernel; ``"dma"`` (NHD only) copies each run of tokens straight into its page. One CUDA event per layer
+  (csrc/cuda/gpu_sink.h); :meth:`LoadHandle.stream_wait_layer` makes a stream wait for a layer.
 - ``python``: the reference. pread into a staging buffer, checksum, scatter with :mod:`kvfast.ops`. Any device.
 
 Every check that can refuse a file runs before the first block is allocated, and a failure while copying frees
@@ -23,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvfast._backend import native
+from kvfast._backend import native, native_cuda
 from kvfast.errors import (
     CacheFullError,
     ChecksumError,
@@ -37,10 +42,18 @@ from kvfast.fingerprint import fingerprint as model_fingerprint
 from kvfast.fingerprint import model_config
 from kvfast.format import DTYPE_NAMES, ChunkInfo, KvfReader, open_kvf
 from kvfast.paged import KVSequence, PagedKVCache
+from kvfast.sign import PublicKeyLike, verify_signature
 
 BACKENDS = ("auto", "native", "python")
-METHODS = ("auto", "preadv", "mmap", "odirect")
-DEFAULT_METHOD = "preadv"  # what method="auto" runs; chosen by measurement (bench/RESULTS.md)
+HOST_METHODS = ("preadv", "mmap", "odirect")  # how the native path reads into host pages
+GPU_METHODS = ("scatter", "dma")  # how the native path moves pinned staging into device pages
+METHODS = ("auto", *HOST_METHODS, *GPU_METHODS)
+DEFAULT_METHOD = "preadv"  # what method="auto" runs for host caches; chosen by measurement (bench/RESULTS.md)
+# For device caches: one large copy per chunk, then the scatter kernel (copy engines move ~55 GB/s on an H100
+# where kernels reading host memory move ~35); "dma" (a copy per run of tokens) is measured beside it in
+# bench/bench_load.py --device cuda. The choice is owed a GPU measurement.
+DEFAULT_GPU_METHOD = "scatter"
+GPU_RING_SLOTS = 3  # pinned staging slots per worker: one being read, one in flight, one spare
 DEFAULT_THREADS = min(4, os.cpu_count() or 1)  # copies are memory-bound: a few cores saturate memory
 PIECE_BYTES = 256 << 10  # native: bytes per read + checksum step, small enough to be checksummed from L2
 
@@ -57,6 +70,7 @@ def load(
     threads: int | None = None,
     backend: str = "auto",
     method: str = "auto",
+    trusted_keys: Sequence[PublicKeyLike] | None = None,
 ) -> KVSequence:
     """Load a document's KV from a .kvf file into new blocks of ``cache`` and return its sequence.
 
@@ -70,10 +84,16 @@ def load(
             :class:`TokenMismatchError` naming the first differing position.
         verify: check every chunk's checksum (turn off only for sources you trust).
         threads: worker threads of the native path (default ``min(4, cpu_count)``); the Python path uses one.
-        backend: ``"auto"`` (native for caches in host memory when ``kvfast._C`` is built, else Python),
+        backend: ``"auto"`` (native when built for the cache's device: ``kvfast._C`` for host memory,
+            ``kvfast._C_cuda`` for CUDA; else Python),
             ``"native"`` or ``"python"`` to force one (tests, benchmarks).
-        method: how the native path reads: ``"auto"`` (= ``"preadv"``), ``"preadv"``, ``"mmap"`` or
-            ``"odirect"``; only ``"auto"`` with ``backend="python"``.
+        method: how the native path moves bytes: for host caches ``"auto"`` (= ``"preadv"``), ``"preadv"``,
+            ``"mmap"`` or ``"odirect"``; for CUDA caches ``"auto"`` (= ``"scatter"``), ``"scatter"`` or
+            ``"dma"``; only ``"auto"`` with ``backend="python"``.
+        trusted_keys: Ed25519 public keys (:mod:`kvfast.sign`); when given, the file must carry a signature
+            sidecar (``doc.kvf.sig``) by one of them over exactly its bytes, checked (every byte hashed) before
+            the load through the same open file. For repeated loads, put the file into a
+            ``Store(trusted_keys=...)``, which checks once on ingest.
 
     Returns:
         A new :class:`KVSequence` holding ``num_tokens`` tokens. Free it with ``cache.free(seq)``.
@@ -83,6 +103,7 @@ def load(
             name the chunk).
         ModelMismatchError, DtypeMismatchError, ShapeMismatchError: the file is for another model or cache.
         TokenMismatchError: ``token_ids`` differ from the file's.
+        SignatureError: ``trusted_keys`` given and the file is unsigned, signed by another key, or altered.
         CacheFullError: not enough free blocks.
         OSError: the file could not be read (or ``method="odirect"`` on a filesystem without O_DIRECT).
 
@@ -90,8 +111,17 @@ def load(
         >>> cache = kvfast.PagedKVCache.for_model(model, num_blocks=1024)  # doctest: +SKIP
         >>> seq = kvfast.load("doc.kvf", cache, model=model)                # doctest: +SKIP
     """
-    return _start(path, cache, model, fingerprint, num_tokens, token_ids, verify, threads, backend, method,
-                  blocking=True).wait()
+    if trusted_keys is None:
+        return _start(path, cache, model, fingerprint, num_tokens, token_ids, verify, threads, backend, method,
+                      blocking=True).wait()
+    reader = path if isinstance(path, KvfReader) else open_kvf(path)
+    try:
+        verify_signature(reader, trusted_keys)
+        return _start(reader, cache, model, fingerprint, num_tokens, token_ids, verify, threads, backend, method,
+                      blocking=True).wait()
+    finally:
+        if reader is not path:
+            reader.close()
 
 
 def load_async(
@@ -162,6 +192,22 @@ class LoadHandle:
         if self._job.failed():
             self.wait()
 
+    def stream_wait_layer(self, layer: int, stream: Any | None = None) -> None:
+        """Make ``stream`` (default: the current CUDA stream of the cache's device) wait until layer ``layer`` is
+        in the cache, without blocking the host on the copy, so that layer's attention can be enqueued at once.
+
+        The host waits only until the layer's chunks are read, checked and enqueued. For host caches and the
+        Python path this is :meth:`wait_layer`. Raises the load's error if it failed.
+        """
+        self._check_layer(layer)
+        if isinstance(self._job, _GpuJob):
+            stream = torch.cuda.current_stream(self._cache.device) if stream is None else stream
+            ok = self._job.stream_wait_layer(layer, stream)
+        else:
+            ok = self._job.wait_layer(layer, None) and not self._job.failed()
+        if not ok:
+            self.wait()
+
     def wait(self, timeout: float | None = None) -> KVSequence:
         """Block until the whole load is done and return the sequence.
 
@@ -214,7 +260,8 @@ def _start(path, cache, model, fingerprint, num_tokens, token_ids, verify, threa
         raise
     try:
         if backend == "native":
-            job: _NativeJob | _PythonJob = _NativeJob(reader, cache, seq, n, verify, threads, method)
+            kind = _GpuJob if cache.device.type == "cuda" else _NativeJob
+            job: _NativeJob | _PythonJob = kind(reader, cache, seq, n, verify, threads, method)
             if owned:
                 reader.close()  # the job reads through its own duplicate of the descriptor
         else:
@@ -233,18 +280,23 @@ def _choose(backend: str, method: str, cache: PagedKVCache) -> tuple[str, str]:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    on_host = cache.device.type == "cpu"
-    if backend == "native":
-        if native is None:
-            raise RuntimeError("backend='native' needs the extension kvfast._C, which is not built; reinstall "
-                               "with KVFAST_REQUIRE_NATIVE=1 to see why")
-        if not on_host:
-            raise ValueError(f"the native loader fills caches in host memory; this cache is on {cache.device} "
-                             "(use backend='auto' or 'python')")
     if backend == "python" and method != "auto":
         raise ValueError(f"method={method!r} selects how the native path reads; backend='python' takes only 'auto'")
-    if backend == "native" or (backend == "auto" and native is not None and on_host):
-        return "native", DEFAULT_METHOD if method == "auto" else method
+    kind = cache.device.type
+    if backend == "native" and kind not in ("cpu", "cuda"):
+        raise ValueError(f"the native loader fills caches in host or CUDA memory; this cache is on {cache.device} "
+                         "(use backend='auto' or 'python')")
+    built = native_cuda is not None and hasattr(native_cuda, "GpuLoadJob") if kind == "cuda" else native is not None
+    if backend == "native" and not built:
+        raise RuntimeError(f"backend='native' for a cache on {cache.device} needs the extension "
+                           f"{'kvfast._C_cuda (built when nvcc is found)' if kind == 'cuda' else 'kvfast._C'}, "
+                           "which is not built; reinstall with KVFAST_REQUIRE_NATIVE=1 to see why")
+    allowed = GPU_METHODS if kind == "cuda" else HOST_METHODS
+    if method != "auto" and method not in allowed:
+        raise ValueError(f"method={method!r} is not for a cache on {cache.device}; use one of {allowed}")
+    if backend == "native" or (backend == "auto" and built and kind in ("cpu", "cuda")):
+        default = DEFAULT_GPU_METHOD if kind == "cuda" else DEFAULT_METHOD
+        return "native", default if method == "auto" else method
     return "python", "python"
 
 
@@ -317,12 +369,17 @@ class _NativeJob:
         self._path = reader.path
         chunks = np.array([(c.index, c.layer, c.start, c.stop, c.offset, c.length, c.crc32c) for c in self._plan],
                           dtype=np.int64).reshape(-1, 7)
-        dests = [(_pages(cache.key_cache(layer), cache.layout), _pages(cache.value_cache(layer), cache.layout))
-                 for layer in range(cache.num_layers)]
         table = np.asarray(seq.block_table, dtype=np.int64)
         # reader._fd: the descriptor kvfast.open validated; reopening the path could find another file
-        self._job = native.LoadJob(reader._fd, chunks, dests, table, n, method=method, threads=threads,
-                                   verify=verify, piece_bytes=PIECE_BYTES)
+        self._job = self._make(reader._fd, chunks, cache, table, n, verify, threads, method)
+
+    @staticmethod
+    def _make(fd: int, chunks: np.ndarray, cache: PagedKVCache, table: np.ndarray, n: int, verify: bool,
+              threads: int, method: str) -> Any:
+        dests = [(_pages(cache.key_cache(layer), cache.layout), _pages(cache.value_cache(layer), cache.layout))
+                 for layer in range(cache.num_layers)]
+        return native.LoadJob(fd, chunks, dests, table, n, method=method, threads=threads, verify=verify,
+                              piece_bytes=PIECE_BYTES)
 
     def finished(self) -> bool:
         return self._job.finished()
@@ -355,16 +412,44 @@ class _NativeJob:
         if kind == "truncated":
             return TruncatedFileError(f"{where}: {detail} at offset {offset} (the file shrank after it was "
                                       "opened?)", path=self._path)
+        if kind == "device":
+            return RuntimeError(f"{self._path}: {where}: {detail}")
         return OSError(errno, f"{where}: {detail}", str(self._path))
+
+
+class _GpuJob(_NativeJob):
+    """kvfast._C_cuda.GpuLoadJob: the native workers with pinned staging and CUDA streams (csrc/cuda/gpu_sink.h)."""
+
+    @staticmethod
+    def _make(fd: int, chunks: np.ndarray, cache: PagedKVCache, table: np.ndarray, n: int, verify: bool,
+              threads: int, method: str) -> Any:
+        k0 = _token_major(cache.key_cache(0), cache.layout)
+        item = k0.element_size()
+        geometry = (*k0.shape[:3], k0.shape[3] * item, *(stride * item for stride in k0.stride()[:3]))
+        for layer in range(cache.num_layers):
+            for pages in (cache.key_cache(layer), cache.value_cache(layer)):
+                if _token_major(pages, cache.layout).stride() != k0.stride():
+                    raise ValueError("the native GPU loader needs every layer's K and V pages with one geometry")
+        device = cache.device.index if cache.device.index is not None else torch.cuda.current_device()
+        return native_cuda.GpuLoadJob(
+            fd, chunks, [cache.key_cache(layer).data_ptr() for layer in range(cache.num_layers)],
+            [cache.value_cache(layer).data_ptr() for layer in range(cache.num_layers)], geometry, item, table, n,
+            device, method=method, threads=threads, verify=verify, piece_bytes=PIECE_BYTES,
+            ring_slots=GPU_RING_SLOTS)
+
+    def stream_wait_layer(self, layer: int, stream: Any) -> bool:
+        return self._job.stream_wait_layer(layer, stream.cuda_stream)
+
+
+def _token_major(pages: torch.Tensor, layout: str) -> torch.Tensor:
+    """``pages`` as a ``[num_blocks, block_size, H, D]`` view (HND is ``[num_blocks, H, block_size, D]``)."""
+    return pages.permute(0, 2, 1, 3) if layout == "HND" else pages
 
 
 def _pages(pages: torch.Tensor, layout: str) -> np.ndarray:
     """One layer's K or V pages as the uint8 ``[num_blocks, block_size, H, head_dim * itemsize]`` array the native
     loader writes into (a strided view for HND); shares memory with the cache."""
-    u8 = pages.view(torch.uint8)  # last axis: head_dim * itemsize bytes
-    if layout == "HND":  # [num_blocks, H, block_size, D] -> [num_blocks, block_size, H, D]
-        u8 = u8.permute(0, 2, 1, 3)
-    return u8.numpy()
+    return _token_major(pages.view(torch.uint8), layout).numpy()  # last axis: head_dim * itemsize bytes
 
 
 class _PythonJob:
