@@ -32,10 +32,13 @@ def crc32c(data, value: int = 0) -> int:
 
 
 def backend() -> dict[str, str]:
-    """Which implementations kvfast uses on this machine, e.g. ``{"io": "native", "crc32c": "sse4.2"}``."""
+    """Which implementations kvfast uses on this machine, e.g.
+    ``{"io": "native", "crc32c": "sse4.2", "gpu_io": "native"}``: ``io`` loads into host caches, ``gpu_io`` into
+    CUDA caches (native when ``kvfast._C_cuda`` was built, whether or not a GPU is present)."""
+    gpu_io = "native" if native_cuda is not None and hasattr(native_cuda, "GpuLoadJob") else "python"
     if native is None:
-        return {"io": "python", "crc32c": "crc32c-package"}
-    return {"io": "native", "crc32c": native.crc32c_impl()}
+        return {"io": "python", "crc32c": "crc32c-package", "gpu_io": gpu_io}
+    return {"io": "native", "crc32c": native.crc32c_impl(), "gpu_io": gpu_io}
 
 
 # -- paged-cache kernels (scatter / gather) ---------------------------------------------------------------

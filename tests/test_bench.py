@@ -133,6 +133,23 @@ def test_bench_table_lists_every_length(result):
     assert [line.split()[0] for line in lines[-len(LENGTHS):]] == [str(n) for n in LENGTHS]
 
 
+def test_cpu_rows_have_no_gpu_tier_columns(result):
+    assert all(r.link_s is None and r.ratio_device is None for r in result.rows)
+    assert "link-bound" not in bench.format_table(result)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_run_reports_the_link_bound_and_the_gpu_memory_tier():
+    model = tiny_model("qwen3", torch.float32).cuda()
+    result = bench.run(model, LENGTHS, question_tokens=QUESTION, repeats=2, progress=False, cold=False)
+    for r in result.rows:
+        assert r.link_s > 0 and r.device_copy_s > 0
+        assert r.ratio_link == pytest.approx(r.prefill_s / r.link_s)
+        assert r.ratio_device == pytest.approx(r.prefill_s / r.device_copy_s)
+    assert "link-bound ratio" in bench.format_table(result)
+
+
 @pytest.mark.parametrize("lengths,kwargs", [([], {}), ([0], {}), ([8], {"repeats": 0})],
                          ids=["no-lengths", "zero-length", "zero-repeats"])
 def test_bench_refuses_bad_arguments(lengths, kwargs):
