@@ -4,7 +4,8 @@
 #   bash bench/gpu_check.sh            # on the GPU machine, in the venv that has the CUDA torch
 #
 # Logs and each benchmark's JSON go to $KVFAST_BENCH_OUT (default: a fresh temp dir). The last thing printed is
-# a short table: one row per step, its result and its time. A failed build stops the run (the tests would test a
+# a short table: one row per step, its result and its time, then each benchmark's headline figure
+# against its target (bench/gpu_summary.py). A failed build stops the run (the tests would test a
 # stale build); failed tests or benchmarks do not stop the others, but the script then exits 1.
 #
 # To add a benchmark, append one line to BENCHES: a name, then the command (it should exit 0 without a GPU).
@@ -45,6 +46,8 @@ summary() {
   for i in "${!STEP_NAMES[@]}"; do
     printf '%-16s %-12s %8s\n' "${STEP_NAMES[$i]}" "${STEP_RESULTS[$i]}" "${STEP_SECONDS[$i]}"
   done
+  echo
+  python bench/gpu_summary.py "$OUT_DIR"
 }
 
 if ! run_step install env KVFAST_REQUIRE_NATIVE=1 pip install --no-build-isolation --no-deps -e .; then
