@@ -198,17 +198,42 @@ Status GpuSink::enqueue_dma(const ChunkSpec& c, Worker& w, const Slot& slot) {
   const int64_t row = layout_.row_bytes();
   const int64_t tokens = c.stop - c.start;
   const int64_t end = std::min(c.stop, num_tokens_);
+  w.dsts.clear();
+  w.srcs.clear();
+  w.sizes.clear();
   for (int kv = 0; kv < 2; ++kv) {
     const uint8_t* src = slot.host + kv * tokens * row;
     for (int64_t t = c.start; t < end;) {
       const int64_t run = std::min(bs - t % bs, end - t);
-      uint8_t* dst = dests_[c.layer].pages[kv] + block_table_[t / bs] * layout_.block_stride +
-                     (t % bs) * layout_.token_stride;
-      KVF_STATUS(cudaMemcpyAsync(dst, src + (t - c.start) * row, static_cast<size_t>(run * row),
-                                 cudaMemcpyHostToDevice, w.stream));
+      w.dsts.push_back(dests_[c.layer].pages[kv] + block_table_[t / bs] * layout_.block_stride +
+                       (t % bs) * layout_.token_stride);
+      w.srcs.push_back(src + (t - c.start) * row);
+      w.sizes.push_back(static_cast<size_t>(run * row));
       t += run;
     }
   }
+#if CUDART_VERSION >= 12080
+  if (batch_copies_.load(std::memory_order_relaxed)) {
+    cudaMemcpyAttributes attr{};
+    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;  // the slot is ours until its event: stream order
+    size_t first = 0;
+#if CUDART_VERSION >= 13000
+    const cudaError_t e = cudaMemcpyBatchAsync(w.dsts.data(), w.srcs.data(), w.sizes.data(), w.sizes.size(), &attr,
+                                               &first, 1, w.stream);
+#else
+    size_t failed_at = 0;
+    const cudaError_t e = cudaMemcpyBatchAsync(const_cast<void**>(w.dsts.data()), const_cast<void**>(w.srcs.data()),
+                                               w.sizes.data(), w.sizes.size(), &attr, &first, 1, &failed_at, w.stream);
+#endif
+    if (e == cudaSuccess) return {};
+    if (e != cudaErrorNotSupported && e != cudaErrorCallRequiresNewerDriver)
+      return device_error("cudaMemcpyBatchAsync", e);
+    cudaGetLastError();  // an older driver: clear it and copy run by run from now on
+    batch_copies_.store(false, std::memory_order_relaxed);
+  }
+#endif
+  for (size_t i = 0; i < w.sizes.size(); ++i)
+    KVF_STATUS(cudaMemcpyAsync(w.dsts[i], w.srcs[i], w.sizes[i], cudaMemcpyHostToDevice, w.stream));
   return {};
 }
 

@@ -5,8 +5,10 @@
 //   worker w, chunk c:  wait for ring slot s to be free (its event)  ->  read c into pinned slot s, CRC-32C on
 //   the way, piece by piece while each piece is in L2  ->  checksum mismatch? fail before one byte leaves the host
 //   ->  enqueue on stream w:  scatter   cudaMemcpyAsync(slot -> device staging), scatter_kv kernel into the pages
-//                             dma       one cudaMemcpyAsync per run of tokens inside a block, straight into the
-//                                       pages (NHD only: a run's rows must be contiguous in the page)
+//                             dma       the copy engines straight into the pages, a run of tokens inside a block per
+//                                       copy (NHD only: a run's rows must be contiguous in the page), the chunk's
+//                                       runs as one cudaMemcpyBatchAsync where runtime and driver have it
+//                                       (CUDA 12.8+), else one cudaMemcpyAsync per run
 //   -> record slot s's event.
 //
 // Layers: the job calls layer_complete(l) once every chunk of l was enqueued. Each worker's stream runs its
@@ -20,6 +22,7 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include <atomic>
 #include <cstdint>
 #include <mutex>
 #include <vector>
@@ -70,10 +73,14 @@ class GpuSink : public ChunkSink {
     std::vector<Slot> slots;
     int next = 0;
     bool device_set = false;
+    std::vector<void*> dsts;  // dma: one chunk's runs, for one batched copy
+    std::vector<const void*> srcs;
+    std::vector<size_t> sizes;
   };
 
   Status enqueue_scatter(const ChunkSpec& c, Worker& w, Slot& slot);
   Status enqueue_dma(const ChunkSpec& c, Worker& w, const Slot& slot);
+  std::atomic<bool> batch_copies_{true};  // cleared when the driver refuses cudaMemcpyBatchAsync
   Status use_device(Worker& w);
   void release();
 
