@@ -27,7 +27,6 @@ import platform
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ import torch
 
 import kvfast
 from kvfast._backend import native
+from kvfast.bench import drop_page_cache, resident_fraction
 
 LAYERS, HEADS, HEAD_DIM, TOKENS, DTYPE = 28, 8, 128, 4096, torch.bfloat16  # Qwen3-0.6B's KV, 4096 tokens
 CHUNK_TOKENS, BLOCK_SIZE = 256, 16
@@ -85,12 +85,7 @@ def make_fixture(folder: Path) -> Fixture:
 
 def evict(path: Path) -> None:
     """Drop this file's pages from the page cache (only this file's)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # dirty pages are not dropped
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    drop_page_cache(path)
 
 
 def warm(path: Path) -> None:
@@ -98,18 +93,6 @@ def warm(path: Path) -> None:
     with open(path, "rb") as f:
         while f.read(16 << 20):
             pass
-
-
-def resident_fraction(path: Path) -> float:
-    """Share of the file's pages in the page cache (``fincore``), or NaN where unavailable."""
-    if shutil.which("fincore") is None:
-        return float("nan")
-    out = subprocess.run(["fincore", "-b", "-n", "-o", "RES,SIZE", str(path)], capture_output=True, text=True)
-    try:
-        res, size = (int(x) for x in out.stdout.split())
-        return res / max(size, 1)
-    except ValueError:
-        return float("nan")
 
 
 # -- the cases: each a function that does one full load and cleans up after itself -------------------------
@@ -293,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         check_exact(fx)
         evict(fx.kvf)
         cold_ok = resident_fraction(fx.kvf)
-        print(f"after eviction {cold_ok:.0%} of the file is resident", file=sys.stderr)
+        print(f"after eviction {'an unknown share' if cold_ok is None else f'{cold_ok:.0%}'} of the file is resident",
+              file=sys.stderr)
         when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
         results = run_all(fx, args.repeat)
         body = (f"{when}; {machine()}. `python bench/bench_load.py --repeat {args.repeat}`: medians of "

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"case": name, "GB/s": KV_BYTES / s / 1e9, "ms": s * 1e3, "x bound": bound_s / s})
     card = torch.cuda.get_device_name()
     print(f"\nfile -> GPU paged cache, {KV_BYTES / 1e6:.0f} MB of KV, hot page cache, {card}, medians of {args.repeat}")
-    print(f"| case | GB/s | ms | x pinned H2D |\n|---|---:|---:|---:|")
+    print("| case | GB/s | ms | x pinned H2D |\n|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['case']} | {r['GB/s']:.2f} | {r['ms']:.1f} | {r['x bound']:.2f} |")
     if args.json:

@@ -80,7 +80,6 @@ def run(folder: Path, model: torch.nn.Module, repeat: int) -> list[tuple[str, st
     mib = 1 << 20
     root = folder / "store"
     publish_s, entry = timed(lambda: kvfast.Store(root).publish(model, doc))
-    fp = kvfast.fingerprint(model)
     n_params = sum(p.numel() for p in model.parameters())
     blocks_doc = -(-DOC_TOKENS // 16)
     block_bytes = entry.kv_bytes // DOC_TOKENS * 16

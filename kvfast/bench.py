@@ -426,7 +426,6 @@ def _gpu_tiers(cache: kvfast.PagedKVCache, load: Callable[[], kvfast.KVSequence]
     pinned = torch.empty(kv_bytes, dtype=torch.uint8, pin_memory=True)
     target = torch.empty(kv_bytes, dtype=torch.uint8, device=device)
     link_s, _ = _best(lambda: target.copy_(pinned, non_blocking=True), device, repeats)
-    del pinned, target
     root = load()
 
     def copy() -> kvfast.KVSequence:

@@ -54,3 +54,12 @@ def random_kv(num_layers: int, num_tokens: int, heads: int, head_dim: int, dtype
 def _threads():
     # Results must not depend on thread count; fixing it keeps timing of the suite steady on 2 cores.
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def flip_bit(path, offset: int, bit: int = 0) -> None:
+    """Flip one bit of a file in place (corruption tests)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ (1 << bit)]))

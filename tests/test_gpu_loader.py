@@ -15,7 +15,8 @@ import torch
 import kvfast
 from kvfast._backend import native_cuda
 from kvfast.errors import ChecksumError
-from tests.test_native_loader import FP, HEAD_DIM, HEADS, LAYERS, N, flip_bit, make_cache, save_random
+from tests.conftest import flip_bit
+from tests.test_native_loader import FP, HEAD_DIM, HEADS, LAYERS, N, make_cache, save_random
 
 pytestmark = pytest.mark.skipif(native_cuda is None, reason="kvfast._C_cuda is not built (no nvcc at install)")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

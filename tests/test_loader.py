@@ -20,7 +20,7 @@ from kvfast.errors import (
     ShapeMismatchError,
     TokenMismatchError,
 )
-from tests.conftest import random_ids, random_kv, tiny_model
+from tests.conftest import flip_bit, random_ids, random_kv, tiny_model
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["NHD", "HND"]
@@ -60,13 +60,6 @@ def assert_holds(cache, seq, keys, values, n=None):
         assert torch.equal(bits(gk), bits(k[:n])), f"layer {layer} K differs"
         assert torch.equal(bits(gv), bits(v[:n])), f"layer {layer} V differs"
 
-
-def flip_bit(path: Path, offset: int, bit: int = 0) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([byte ^ (1 << bit)]))
 
 
 # -- bit-exact loads of random KV ---------------------------------------------------------------------

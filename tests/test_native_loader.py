@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import kvfast
 from kvfast._backend import native
 from kvfast.errors import ChecksumError, KvfastError, TruncatedFileError
-from tests.conftest import random_ids, random_kv
+from tests.conftest import flip_bit, random_ids, random_kv
 
 pytestmark = pytest.mark.skipif(native is None, reason="kvfast._C is not built")
 
@@ -92,13 +92,6 @@ def method_or_skip(method: str, path: Path) -> str:
         pytest.skip(f"{path.parent} does not support O_DIRECT")
     return method
 
-
-def flip_bit(path: Path, offset: int, bit: int = 0) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([byte ^ (1 << bit)]))
 
 
 # -- bit-exact: the native path against the Python reference ------------------------------------------------
