@@ -17,6 +17,7 @@ mkdir -p "$OUT_DIR"
 BENCHES=(
   "bench_kernels|python bench/bench_kernels.py --json $OUT_DIR/bench_kernels.json"
   "bench_load_gpu|python bench/bench_load_gpu.py --json $OUT_DIR/bench_load_gpu.json"
+  "bench_codec_gpu|python bench/bench_codec.py --repeat 3 --json $OUT_DIR/bench_codec_gpu.json"
   "prefill_vs_reuse|kvfast bench qwen3-4b --device cuda --lengths 256,512,1024,2048,4096 --skip-unavailable --no-progress --save $OUT_DIR/prefill_vs_reuse.json"
 )
 

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "crc32c.h"
+#include "expcode.h"
 #include "load_plan.h"
 #include "paged_loader.h"
 
@@ -140,6 +141,64 @@ void check_layer(const PyLoadJob& self, int64_t layer) {
     throw py::index_error("layer " + std::to_string(layer) + " out of range [0, " + std::to_string(num_layers) + ")");
 }
 
+// ==========================================================================================================
+// expcode-v1 glue (csrc/expcode.h): shapes and buffer sizes checked here, the codec assumes them
+// ==========================================================================================================
+[[noreturn]] void codec_error(const std::string& msg) { throw py::value_error("kvfast._C.expcode: " + msg); }
+
+kvfast::expcode::ChunkShape codec_shape(int64_t tokens, int64_t heads, int64_t head_dim, int itemsize) {
+  // the format's limits (kvfast/format.py §3) keep every size below 2**62
+  if (tokens < 1 || tokens > (int64_t{1} << 20) || heads < 1 || heads > 4096 || head_dim < 1 || head_dim > 65536)
+    codec_error("tokens, heads and head_dim must be within the format's limits");
+  if (itemsize != 2 && itemsize != 4) codec_error("itemsize must be 2 or 4, got " + std::to_string(itemsize));
+  return {tokens, heads, head_dim, itemsize};
+}
+
+// A C-contiguous buffer's bytes: (pointer, size).
+std::pair<uint8_t*, size_t> contiguous(const py::buffer& obj, bool writable, const char* what) {
+  py::buffer_info info = obj.request(writable);
+  py::ssize_t expect = info.itemsize;
+  for (py::ssize_t i = info.ndim; i-- > 0;) {
+    if (info.shape[i] > 1 && info.strides[i] != expect) codec_error(std::string(what) + " must be C-contiguous");
+    expect *= info.shape[i];
+  }
+  return {static_cast<uint8_t*>(info.ptr), static_cast<size_t>(info.size) * static_cast<size_t>(info.itemsize)};
+}
+
+py::bytes py_expcode_encode(py::buffer k, py::buffer v, int64_t tokens, int64_t heads, int64_t head_dim,
+                            int itemsize, int64_t seg_tokens, int threads) {
+  const auto shape = codec_shape(tokens, heads, head_dim, itemsize);
+  auto [kp, kn] = contiguous(k, false, "k");
+  auto [vp, vn] = contiguous(v, false, "v");
+  const size_t want = static_cast<size_t>(shape.elements()) * itemsize;
+  if (kn != want || vn != want)
+    codec_error("k and v must each hold tokens * heads * head_dim * itemsize = " + std::to_string(want) + " bytes");
+  if (seg_tokens < 1 || seg_tokens > tokens) codec_error("seg_tokens must be in [1, tokens]");
+  if (threads < 1 || threads > 256) codec_error("threads must be in [1, 256]");
+  std::vector<uint8_t> out;
+  {
+    py::gil_scoped_release release;
+    out = kvfast::expcode::encode(kp, vp, shape, seg_tokens, threads);
+  }
+  return py::bytes(reinterpret_cast<const char*>(out.data()), out.size());
+}
+
+void py_expcode_decode(py::buffer src, py::buffer out, int64_t tokens, int64_t heads, int64_t head_dim,
+                       int itemsize, int threads) {
+  const auto shape = codec_shape(tokens, heads, head_dim, itemsize);
+  auto [sp, sn] = contiguous(src, false, "src");
+  auto [op, on] = contiguous(out, true, "out");
+  if (on != 2 * static_cast<size_t>(shape.elements()) * itemsize)
+    codec_error("out must hold 2 * tokens * heads * head_dim * itemsize bytes");
+  if (threads < 1 || threads > 256) codec_error("threads must be in [1, 256]");
+  std::string problem;
+  {
+    py::gil_scoped_release release;
+    problem = kvfast::expcode::decode(sp, sn, op, shape, threads);
+  }
+  if (!problem.empty()) throw py::value_error(problem);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -148,6 +207,12 @@ PYBIND11_MODULE(_C, m) {
         "CRC-32C of a contiguous buffer, continuing from `value` (0 to start). Releases the GIL.");
   m.def("crc32c_impl", &kvfast::crc32c_impl,
         "Which CRC-32C implementation runs: 'avx512-vpclmulqdq', 'sse4.2' or 'software'.");
+  m.def("expcode_encode", &py_expcode_encode, py::arg("k"), py::arg("v"), py::arg("tokens"), py::arg("heads"),
+        py::arg("head_dim"), py::arg("itemsize"), py::arg("seg_tokens"), py::arg("threads") = 1,
+        "expcode-v1: encode one chunk (K, V [tokens, heads, head_dim] raw bytes). Releases the GIL.");
+  m.def("expcode_decode", &py_expcode_decode, py::arg("src"), py::arg("out"), py::arg("tokens"), py::arg("heads"),
+        py::arg("head_dim"), py::arg("itemsize"), py::arg("threads") = 1,
+        "expcode-v1: decode one chunk into out (K then V); ValueError naming the field on bad input. Releases the GIL.");
 
   py::class_<PyLoadJob>(m, "LoadJob", "A load of .kvf chunks into host paged K/V pages, running on its own threads.")
       .def(py::init(&make_job), py::arg("fd"), py::arg("chunks"), py::arg("dests"), py::arg("block_table"),

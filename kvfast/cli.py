@@ -92,7 +92,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     ids = _ids(args, "doc", "token_ids", "document")
     t0 = time.perf_counter()
     path = kvfast.publish(model, ids, args.output, chunk_tokens=args.chunk_tokens, prefill_chunk=args.prefill_chunk,
-                          progress=True)
+                          progress=True, codec=args.codec)
     with kvfast.open(path) as r:
         size = r.chunks[-1].offset + r.chunks[-1].length
     print(f"wrote {path}: {len(ids)} tokens, {size / 1e6:.2f} MB, {time.perf_counter() - t0:.2f} s")
@@ -186,7 +186,7 @@ def _size(text: str) -> int:
 
 def _open_store(args: argparse.Namespace) -> kvfast.Store:
     disk = getattr(args, "disk_bytes", None)
-    return kvfast.Store(args.root, disk_bytes=disk)
+    return kvfast.Store(args.root, disk_bytes=disk, trusted_keys=getattr(args, "trusted_key", None))
 
 
 def cmd_store_put(args: argparse.Namespace) -> int:
@@ -251,6 +251,25 @@ def cmd_store_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_ledger(args: argparse.Namespace) -> int:
+    if not Path(args.root).is_dir():
+        print(f"kvfast: error: {args.root}: no such store folder", file=sys.stderr)
+        return EXIT_ERROR
+    report = kvfast.Ledger(args.root).verify(expect_head=args.expect_head)
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        rows = [("records", report.records), ("head", f"{report.head['count']} {report.head['hash']}")]
+        rows += [(f"tenant {t or '(shared)'}", f"{v['loads']} loads, {v['tokens']:,} tokens, {v['bytes']:,} bytes")
+                 for t, v in sorted(report.totals.items())]
+        if args.verify:
+            rows.append(("chain", "OK" if report.ok else "BROKEN"))
+        print(_table(rows))
+        for problem in report.problems if args.verify else []:
+            print(f"  problem: {problem}")
+    return EXIT_FAILED_CHECK if args.verify and not report.ok else 0
+
+
 def add_store_parser(sub: Any) -> None:
     """``kvfast store put|ls|rm|stats|gc ROOT ...``: manage a provider-side store (kvfast.Store)."""
     sp = sub.add_parser("store", help="manage a provider-side KV store (put, ls, rm, stats, gc)",
@@ -263,6 +282,8 @@ def add_store_parser(sub: Any) -> None:
 
     p = ssub.add_parser("put", help="publish .kvf files into the store (a stored document is a no-op)")
     root_arg(p)
+    p.add_argument("--trusted-key", metavar="PUB", action="append",
+                   help="accept only files signed by this public key (repeatable); each file's KV.sig is checked")
     p.add_argument("kv", metavar="KV", nargs="+", help=".kvf files")
     p.add_argument("--no-verify", action="store_true", help="skip the chunk checksum check of the copy")
     p.set_defaults(func=cmd_store_put)
@@ -291,6 +312,88 @@ def add_store_parser(sub: Any) -> None:
     p.add_argument("--disk-bytes", type=_size, metavar="SIZE", help="disk budget, e.g. 50G (LRU eviction)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_store_gc)
+
+    p = ssub.add_parser("ledger", help="show or verify the usage ledger (one hash-chained record per load)",
+                        description="Print per-tenant totals of the store's usage ledger (ROOT/LEDGER.jsonl); "
+                                    "with --verify, check the hash chain: any record deleted, edited or moved "
+                                    "makes it exit 1. Keep the printed head: --expect-head proves later that "
+                                    "nothing before it was rewritten.")
+    root_arg(p)
+    p.add_argument("--verify", action="store_true", help="check the chain and the head; exit 1 if broken")
+    p.add_argument("--expect-head", metavar="HASH", help="a head hash printed by an earlier verify")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_store_ledger)
+
+
+# -- kvfast keygen / sign / audit: trust across parties -----------------------------------------------------
+def cmd_keygen(args: argparse.Namespace) -> int:
+    try:
+        private, public = kvfast.keygen(args.key)
+    except FileExistsError:
+        print(f"kvfast: error: {args.key}: exists; not overwriting a key", file=sys.stderr)
+        return EXIT_ERROR
+    from kvfast.sign import key_id, load_public_key
+
+    print(f"wrote {private} (private, keep it) and {public} (public, give it to consumers); "
+          f"key id {key_id(load_public_key(public))}")
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    for path in args.kv:
+        out = kvfast.sign(path, args.key)
+        print(f"signed {path} -> {out}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    model = _load_model(args.model_dir, args.dtype)
+    if args.attn:
+        model.set_attn_implementation(args.attn)
+    secret = Path(args.secret_file).read_bytes() if args.secret_file else None
+    report = kvfast.audit(model, args.kv, samples=args.samples, secret=secret)
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        rows = [("file", report.path), ("tokens", report.num_tokens), ("samples", len(report.positions)),
+                ("cost", f"{100 * report.cost_fraction:.3f}% of prefill FLOPs ({report.flops:.3g} FLOPs)"),
+                ("failed layers (RMS over samples)", ", ".join(map(str, report.failed_layers)) or "none"),
+                *[(f"worst #{i + 1}", f"position {w['position']} layer {w['layer']} {w['kv']}: error "
+                   f"{w['error']:.3g} (tolerance {w['tolerance']:.3g})") for i, w in enumerate(report.worst[:3])],
+                ("result", "OK" if report.ok else "FAILED: the KV is not what this model computes from its tokens")]
+        print(_table(rows))
+    return 0 if report.ok else EXIT_FAILED_CHECK
+
+
+def add_trust_parsers(sub: Any) -> None:
+    """``kvfast keygen``, ``kvfast sign``, ``kvfast audit``: signed artifacts and the audit (kvfast.sign/audit)."""
+    sp = sub.add_parser("keygen", help="create an Ed25519 key pair for signing .kvf files",
+                        description="Write KEY (private, PKCS#8 PEM, mode 0600) and KEY.pub (public PEM).")
+    sp.add_argument("key", metavar="KEY", help="the private key file to create")
+    sp.set_defaults(func=cmd_keygen)
+
+    sp = sub.add_parser("sign", help="sign .kvf files (writes KV.sig next to each)",
+                        description="Write KV.sig: an Ed25519 signature over the file's statement (token ids hash, "
+                                    "model fingerprint, tokenizer, dtype, layout, codec, Merkle root of SHA-256 "
+                                    "chunk digests). kvfast.load/Store(trusted_keys=...) refuse anything else.")
+    sp.add_argument("kv", metavar="KV", nargs="+", help=".kvf files")
+    sp.add_argument("--key", required=True, help="the private key (from kvfast keygen)")
+    sp.set_defaults(func=cmd_sign)
+
+    sp = sub.add_parser("audit", help="recompute sampled positions of a .kvf file and compare with its KV",
+                        description="Recompute SAMPLES positions (chosen from a secret and the file's Merkle root) "
+                                    "in one batched forward against the stored prefix and compare every layer's K/V "
+                                    "with the stored ones, within a tolerance calibrated from honest runs. "
+                                    "Exit 1 when the KV is not what the model computes from its token ids.")
+    sp.add_argument("model_dir", metavar="MODEL_DIR", help="a local transformers model folder (the claimed model)")
+    sp.add_argument("kv", metavar="KV", help="the .kvf file")
+    sp.add_argument("--samples", type=int, default=8, help="positions to recompute (default 8)")
+    sp.add_argument("--secret-file", metavar="FILE", help="your secret (bytes) to sample positions with "
+                                                          "(default: fresh random)")
+    sp.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="dtype to run the model in")
+    sp.add_argument("--attn", choices=["eager", "sdpa"], help="attention implementation (default: the model's)")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+    sp.set_defaults(func=cmd_audit)
 
 
 # -- kvfast bench / kvfast cost: prefill vs reuse, measured and modelled ---------------------------------
@@ -505,6 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--chunk-tokens", type=int, default=256, help="tokens per stored chunk (default 256)")
     sp.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                     help="tokens per prefill forward (bounds activation memory)")
+    sp.add_argument("--codec", default="raw", choices=["raw", "lossless", "expcode-v1"],
+                    help="how chunks are stored: raw (default) or lossless (= expcode-v1: exponents entropy-coded, "
+                         "about 1.4-1.5x smaller for bf16 KV, loads bit-exactly)")
     sp.set_defaults(func=cmd_publish)
 
     sp = sub.add_parser("run", help="load a .kvf document and generate after a prompt",
@@ -548,6 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     sp.set_defaults(func=cmd_demo)
     add_store_parser(sub)
+    add_trust_parsers(sub)
     add_bench_parser(sub)
     add_cost_parser(sub)
     return p

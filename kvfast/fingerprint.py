@@ -5,15 +5,19 @@ Both are SHA-256 over canonical bytes, so they are equal across processes, resta
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from kvfast.errors import KvfastError
 from kvfast.format import dtype_name, token_bytes
 
 # Config fields that change what K and V are (besides the weights). Missing ones are recorded as null.
@@ -92,13 +96,18 @@ def weights_digest(model: torch.nn.Module, *, refresh: bool = False) -> str:
     cached = _weights_cache.get(model)
     if cached is not None and cached[0] == state and not refresh:
         return cached[1]
-    h = hashlib.sha256()
-    for name, p in params:
-        h.update(f"{name}\0{_dtype_str(p.dtype)}\0{tuple(p.shape)}\0".encode())
-        h.update(memoryview(p.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()))
-    digest = h.hexdigest()
+    digest = _tensors_digest(params)
     _weights_cache[model] = (state, digest)
     return digest
+
+
+def _tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 over ``(name, dtype, shape, bytes)`` of each tensor, in the order given (sorted by name)."""
+    h = hashlib.sha256()
+    for name, p in named:
+        h.update(f"{name}\0{_dtype_str(p.dtype)}\0{tuple(p.shape)}\0".encode())
+        h.update(memoryview(p.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()))
+    return h.hexdigest()
 
 
 def _dtype_str(dtype: torch.dtype) -> str:
@@ -117,9 +126,62 @@ def fingerprint(model: torch.nn.Module, *, refresh: bool = False) -> str:
         >>> fp[:7]
         'sha256:'
     """
-    statement = json.dumps({"config": model_config(model), "weights": weights_digest(model, refresh=refresh)},
-                           sort_keys=True, separators=(",", ":"))
+    return _fingerprint_of(model_config(model), weights_digest(model, refresh=refresh))
+
+
+def _fingerprint_of(config: dict[str, Any], weights: str) -> str:
+    statement = json.dumps({"config": config, "weights": weights}, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(statement.encode()).hexdigest()
+
+
+def checkpoint_fingerprint(model_dir: str | os.PathLike, *, dtype: torch.dtype) -> str:
+    """:func:`fingerprint` of the model a transformers checkpoint folder loads as, without loading the model.
+
+    For serving stacks that run their own implementation of the model (vLLM's scheduler holds no
+    ``transformers`` model at all) yet must find documents that ``kvfast publish`` made: the result equals
+    ``fingerprint(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype))``. The module tree is built on
+    the meta device (no memory: it only gives the parameter names, shapes and weight tying) and each parameter is
+    read from the folder's ``*.safetensors`` files and cast to ``dtype``, as ``from_pretrained`` casts it.
+
+    Args:
+        model_dir: a local checkpoint folder (``config.json`` and ``*.safetensors``).
+        dtype: the dtype the model is served in (the KV's dtype).
+
+    Raises:
+        KvfastError: the folder has no safetensors weights, or lacks a parameter the model has, or holds one
+            of another shape (the message names the folder and the parameter).
+
+    Example:
+        >>> kvfast.checkpoint_fingerprint("models/tiny", dtype=torch.bfloat16)  # doctest: +SKIP
+        'sha256:...'
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(model_dir)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise KvfastError("no *.safetensors weights in the folder (kvfast reads safetensors checkpoints only)",
+                          path=folder)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(f, framework="pt")) for f in files]
+        where = {name: h for h in handles for name in h.keys()}
+
+        def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, p in sorted(skeleton.named_parameters(remove_duplicate=True), key=lambda kv: kv[0]):
+                if name not in where:
+                    raise KvfastError(f"parameter {name} is in no *.safetensors file of the folder", path=folder)
+                t = where[name].get_tensor(name)
+                if tuple(t.shape) != tuple(p.shape):
+                    raise KvfastError(f"parameter {name} has shape {tuple(t.shape)}, the config gives "
+                                      f"{tuple(p.shape)}", path=folder)
+                yield name, t.to(dtype)
+
+        weights = _tensors_digest(tensors())
+    return _fingerprint_of(model_config(skeleton), weights)
 
 
 def block_hashes(token_ids: Sequence[int] | np.ndarray | torch.Tensor, block_tokens: int = 16) -> list[str]:

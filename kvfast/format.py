@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvfast import codec as codecs
 from kvfast._backend import crc32c
 from kvfast.errors import (
     ChecksumError,
@@ -54,7 +55,8 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-CODECS = ("raw",)
+CODECS = codecs.CODECS  # §7; user-facing aliases ("lossless") resolve through kvfast.codec.resolve
+ENCODE_THREADS = min(4, os.cpu_count() or 1)  # chunks encoded at once (the C++ encoder releases the GIL)
 CHECKSUMS = ("crc32c",)
 
 if sys.byteorder != "little":  # the format is little-endian and kvfast copies bytes without swapping
@@ -189,7 +191,8 @@ def save_kv(
         token_ids: the ``num_tokens`` token ids the KV was computed from.
         fingerprint: the model's fingerprint (:func:`kvfast.fingerprint`); loads are refused for others.
         chunk_tokens: tokens per chunk (one chunk = one layer x one token range).
-        codec: how chunks are stored; ``"raw"``.
+        codec: how chunks are stored: ``"raw"`` (default), or ``"lossless"`` / ``"expcode-v1"`` for the
+            lossless exponent codec (§7.1; typically 1.3-1.5x smaller for bf16 KV, decoded bit-exactly).
         model_config: the model's KV-shaping config fields, recorded for people and checks.
         tokenizer: an optional tokenizer fingerprint.
         metadata: free-form string pairs.
@@ -202,8 +205,10 @@ def save_kv(
         >>> kvfast.save_kv("doc.kvf", k, k, [1, 2, 3, 4, 5], fingerprint="sha256:...")  # doctest: +SKIP
     """
     path = Path(path)
-    if codec not in CODECS:
-        raise UnsupportedCodecError(f"codec {codec!r} is not one of {list(CODECS)}", path=path)
+    try:
+        codec = codecs.resolve(codec)
+    except UnsupportedCodecError as exc:
+        raise UnsupportedCodecError(str(exc), path=path) from None
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, numbers.Integral) \
             or not 1 <= chunk_tokens <= MAX_CHUNK_TOKENS:
         raise ValueError(f"chunk_tokens must be an integer in [1, {MAX_CHUNK_TOKENS}], got {chunk_tokens!r}")
@@ -247,11 +252,13 @@ def save_kv(
         vb = memoryview(_host_bytes(v))
         for a, b in chunk_ranges(num_tokens, chunk_tokens):
             payloads.append((kb[a * row : b * row], vb[a * row : b * row]))
-    lengths = [len(k) + len(v) for k, v in payloads]
+    stored = _encode_chunks(codec, payloads, manifest)
+    lengths = [sum(len(p) for p in parts) for parts in stored]
     _, offsets = layout(manifest, lengths)
     body = manifest.to_json()
     body["tokens"].update(offset=0, length=len(ids), crc32c=crc32c(ids))
-    body["chunks"] = [[o, n, n, crc32c(v, crc32c(k))] for o, n, (k, v) in zip(offsets, lengths, payloads)]
+    body["chunks"] = [[o, n, len(k) + len(v), _crc_parts(parts)]
+                      for o, n, (k, v), parts in zip(offsets, lengths, payloads, stored)]
     manifest_bytes = json.dumps(body, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
     if len(manifest_bytes) > MAX_MANIFEST_BYTES:
         raise ValueError(f"manifest would be {len(manifest_bytes)} bytes (> {MAX_MANIFEST_BYTES}); "
@@ -272,8 +279,8 @@ def save_kv(
         with os.fdopen(fd, "wb") as f:
             write_region(f, 0, [preamble, manifest_bytes])
             write_region(f, data_start, [ids])
-            for off, (k, v) in zip(offsets, payloads):
-                write_region(f, data_start + off, [k, v])
+            for off, parts in zip(offsets, stored):
+                write_region(f, data_start + off, parts)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -282,6 +289,33 @@ def save_kv(
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _encode_chunks(codec: str, payloads: list[tuple[memoryview, memoryview]],
+                   m: Manifest) -> list[Sequence[memoryview | bytes]]:
+    """Each chunk's stored bytes (§7), as parts to write back to back: for ``"raw"`` the K and V views as they
+    are (no copy), else the codec's output, encoded on a few threads (the C++ encoder releases the GIL)."""
+    if codec == "raw":
+        return list(payloads)
+    item = m.dtype.itemsize
+
+    def encode(kv: tuple[memoryview, memoryview]) -> list[bytes]:
+        k, v = (np.frombuffer(x, dtype=np.uint8).reshape(-1, m.num_kv_heads, m.head_dim * item) for x in kv)
+        return [codecs.encode_chunk(codec, k, v, item)]
+
+    if ENCODE_THREADS == 1 or len(payloads) == 1:
+        return [encode(p) for p in payloads]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="kvfast-encode") as pool:
+        return list(pool.map(encode, payloads))
+
+
+def _crc_parts(parts: Sequence[memoryview | bytes]) -> int:
+    value = 0
+    for p in parts:
+        value = crc32c(p, value)
+    return value
 
 
 def _host_bytes(t: torch.Tensor) -> np.ndarray:
@@ -390,6 +424,9 @@ class KvfReader:
             if m.codec == "raw" and length != raw_length:
                 raise LayoutError(f"{where} stored length {length} != raw length {raw_length} for codec "
                                   "'raw' (§7)", path=self.path)
+            if length > raw_length:  # §7.1: a chunk that does not get smaller is stored verbatim
+                raise LayoutError(f"{where} stored length {length} exceeds its raw length {raw_length} (§7)",
+                                  path=self.path)
             chunks.append(ChunkInfo(i, layer, a, b, data_start + offset, length, raw_length, crc))
         end = chunks[-1].offset + chunks[-1].length
         if self._file_size < end:
@@ -417,16 +454,36 @@ class KvfReader:
         """The chunk of ``layer`` that holds token ``start_token``."""
         return self.chunks[layer * self.manifest.chunks_per_layer + start_token // self.manifest.chunk_tokens]
 
-    def read_chunk(self, chunk: ChunkInfo, out: np.ndarray | None = None, *, verify: bool = True) -> np.ndarray:
+    def read_chunk(self, chunk: ChunkInfo, out: np.ndarray | None = None, *, verify: bool = True,
+                   threads: int = 1, backend: str = "auto") -> np.ndarray:
         """Decoded bytes of one chunk, ``[raw_length]`` uint8: K ``[t, H, D]`` then V ``[t, H, D]``.
 
         ``out`` (uint8, ``raw_length`` bytes, C-contiguous) is filled in place when given. Raises
-        :class:`ChecksumError` naming the chunk when ``verify`` and its bytes do not match the checksum.
+        :class:`ChecksumError` naming the chunk when ``verify`` and its bytes do not match the checksum, and
+        :class:`kvfast.codec.CodecError` when a coded chunk's bytes are inconsistent. ``threads`` and ``backend``
+        (``"auto"``, ``"native"``, ``"python"``) choose the decoder of coded chunks (:mod:`kvfast.codec`).
         """
         if out is None:
             out = np.empty(chunk.raw_length, dtype=np.uint8)
         elif out.dtype != np.uint8 or out.nbytes != chunk.raw_length or not out.flags.c_contiguous:
             raise ValueError(f"out must be a contiguous uint8 array of {chunk.raw_length} bytes")
+        if chunk.length == chunk.raw_length:  # raw, or stored verbatim (§7.1): read straight into out
+            return self.read_stored(chunk, out, verify=verify)
+        m = self.manifest
+        try:
+            return codecs.decode_chunk(m.codec, self.read_stored(chunk, verify=verify), out, chunk.stop - chunk.start,
+                                       m.num_kv_heads, m.head_dim, m.dtype.itemsize, where=_where(chunk),
+                                       backend=backend, threads=threads)
+        except codecs.CodecError as exc:
+            raise codecs.CodecError(str(exc), path=self.path) from None
+
+    def read_stored(self, chunk: ChunkInfo, out: np.ndarray | None = None, *, verify: bool = True) -> np.ndarray:
+        """The ``length`` stored bytes of one chunk (uint8), as the codec wrote them (§7); checked like
+        :meth:`read_chunk`. ``out`` (uint8, ``length`` bytes, C-contiguous) is filled in place when given."""
+        if out is None:
+            out = np.empty(chunk.length, dtype=np.uint8)
+        elif out.dtype != np.uint8 or out.nbytes != chunk.length or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a contiguous uint8 array of {chunk.length} bytes")
         if chunk.offset + chunk.length > self._file_size:
             raise TruncatedFileError(f"chunk {chunk.index} ends past the end of the file", path=self.path)
         done = 0
@@ -437,9 +494,8 @@ class KvfReader:
                 raise TruncatedFileError(f"chunk {chunk.index}: short read (the file shrank?)", path=self.path)
             done += n
         if verify and crc32c(out) != chunk.crc32c:
-            raise ChecksumError(f"chunk {chunk.index} (layer {chunk.layer}, tokens {chunk.start}:{chunk.stop}) "
-                                "checksum mismatch: the file is corrupted; re-publish or fetch it again",
-                                path=self.path)
+            raise ChecksumError(f"{_where(chunk)} checksum mismatch: the file is corrupted; re-publish or fetch it "
+                                "again", path=self.path)
         return out
 
     def split_chunk(self, chunk: ChunkInfo, data: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -495,6 +551,10 @@ class KvfReader:
         return (f"KvfReader({str(self.path)!r}, tokens={m.num_tokens}, layers={m.num_layers}, "
                 f"kv_heads={m.num_kv_heads}, head_dim={m.head_dim}, dtype={DTYPE_NAMES[m.dtype]}, "
                 f"codec={m.codec!r})")
+
+
+def _where(chunk: ChunkInfo) -> str:
+    return f"chunk {chunk.index} (layer {chunk.layer}, tokens {chunk.start}:{chunk.stop})"
 
 
 def open_kvf(path: str | os.PathLike) -> KvfReader:

@@ -13,6 +13,11 @@ Two paths, chosen in one place (:func:`_choose`):
   kernel; ``"dma"`` (NHD only) copies each run of tokens straight into its page. One CUDA event per layer
   (csrc/cuda/gpu_sink.h); :meth:`LoadHandle.stream_wait_layer` makes a stream wait for a layer.
 - ``python``: the reference. pread into a staging buffer, checksum, scatter with :mod:`kvfast.ops`. Any device.
+- coded files (``codec`` other than ``"raw"``, docs/FORMAT.md §7.1) take the reference path's loop with a decode
+  step (``method="decode"``): each chunk's stored bytes are read and checked, then decoded into staging by the
+  C++ decoder (``backend="native"``/``"auto"``, ``threads`` threads, GIL released) or the numpy reference
+  (``"python"``) and scattered; for CUDA caches the stored bytes go to the device and the Triton decoder
+  (:mod:`kvfast.kernels.expcode`) writes straight into the cache's pages. Raw files never take this path.
 
 Every check that can refuse a file runs before the first block is allocated, and a failure while copying frees
 what was allocated: a failed load leaves the cache as it was. :func:`load_async` returns a :class:`LoadHandle`
@@ -161,7 +166,8 @@ class LoadHandle:
     Attributes:
         sequence: the :class:`KVSequence` being filled; its blocks are allocated, its bytes arrive layer by layer.
         backend: ``"native"`` or ``"python"``.
-        method: the native read method (``"preadv"``, ``"mmap"``, ``"odirect"``), or ``"python"``.
+        method: the native read method (``"preadv"``, ``"mmap"``, ``"odirect"``), ``"python"``, or ``"decode"`` for a
+            coded file (its chunks decoded on the host, or by the Triton decoder for CUDA caches).
     """
 
     def __init__(self, sequence: KVSequence, job: _NativeJob | _PythonJob, cache: PagedKVCache, num_layers: int,
@@ -259,7 +265,11 @@ def _start(path, cache, model, fingerprint, num_tokens, token_ids, verify, threa
             reader.close()
         raise
     try:
-        if backend == "native":
+        if reader.manifest.codec != "raw":
+            method = "decode"
+            job = _PythonJob(reader, cache, slots, n, verify, close_reader=owned, blocking=blocking,
+                             threads=threads, decoder="native" if backend == "native" else "python")
+        elif backend == "native":
             kind = _GpuJob if cache.device.type == "cuda" else _NativeJob
             job: _NativeJob | _PythonJob = kind(reader, cache, seq, n, verify, threads, method)
             if owned:
@@ -344,19 +354,45 @@ def _mismatch_message(theirs: str, ours: str, config: Any, model: Any | None) ->
 
 
 def _copy(reader: KvfReader, cache: PagedKVCache, slots: torch.Tensor, n: int, verify: bool,
-          on_layer: Callable[[int], None] | None = None) -> None:
-    """The Python path: each chunk into a staging buffer, checked, then scattered; ``on_layer(l)`` after layer l."""
+          on_layer: Callable[[int], None] | None = None, *, threads: int = 1, decoder: str = "auto",
+          device_decode: bool | None = None) -> None:
+    """The Python path: each chunk into a staging buffer, checked, (decoded,) then scattered; ``on_layer(l)`` after
+    layer l. Coded chunks are decoded by ``decoder`` on ``threads`` threads, or, when ``device_decode`` (default:
+    for CUDA caches), by the Triton decoder straight into the cache's pages."""
     staging = np.empty(max(c.raw_length for c in reader.chunks), dtype=np.uint8)
+    device_decode = cache.device.type == "cuda" if device_decode is None else device_decode
     for chunk in reader.chunks:
         if chunk.start >= n:
             continue
-        data = reader.read_chunk(chunk, staging[: chunk.raw_length], verify=verify)
-        k, v = reader.split_chunk(chunk, data)
         stop = min(chunk.stop, n)
         t = stop - chunk.start
-        cache.write(chunk.layer, slots[chunk.start : stop], k[:t].to(cache.device), v[:t].to(cache.device))
+        if device_decode and chunk.length != chunk.raw_length:
+            _decode_into_cache(reader, cache, chunk, slots[chunk.start : stop], verify)
+        else:
+            data = reader.read_chunk(chunk, staging[: chunk.raw_length], verify=verify, threads=threads,
+                                     backend=decoder)
+            k, v = reader.split_chunk(chunk, data)
+            cache.write(chunk.layer, slots[chunk.start : stop], k[:t].to(cache.device), v[:t].to(cache.device))
         if on_layer is not None and stop == n:
             on_layer(chunk.layer)  # the layer's last chunk in the load (layers are stored layer-major)
+
+
+def _decode_into_cache(reader: KvfReader, cache: PagedKVCache, chunk: ChunkInfo, slots: torch.Tensor,
+                       verify: bool) -> None:
+    """One coded chunk: stored bytes read and checked on the host, decoded on the cache's device into its pages."""
+    from kvfast.codec import CodecError
+    from kvfast.kernels import expcode as expcode_kernels
+
+    stored = reader.read_stored(chunk, verify=verify)
+    slot_mapping = torch.full((chunk.stop - chunk.start,), -1, dtype=torch.int64)
+    slot_mapping[: len(slots)] = slots.cpu()
+    try:
+        expcode_kernels.decode_paged(stored, _token_major(cache.key_cache(chunk.layer), cache.layout),
+                                     _token_major(cache.value_cache(chunk.layer), cache.layout),
+                                     slot_mapping.to(cache.device), where=f"chunk {chunk.index} (layer "
+                                     f"{chunk.layer}, tokens {chunk.start}:{chunk.stop})")
+    except CodecError as exc:
+        raise CodecError(str(exc), path=reader.path) from None
 
 
 # -- the two kinds of job behind a LoadHandle ----------------------------------------------------------------
@@ -456,11 +492,12 @@ class _PythonJob:
     """The reference path behind a LoadHandle: inline when blocking, else on one background thread."""
 
     def __init__(self, reader: KvfReader, cache: PagedKVCache, slots: torch.Tensor, n: int, verify: bool, *,
-                 close_reader: bool, blocking: bool):
+                 close_reader: bool, blocking: bool, threads: int = 1, decoder: str = "python"):
         self._ready = [False] * cache.num_layers
         self._finished = False
         self._error: BaseException | None = None
         self._cond = threading.Condition()
+        self._decode = {"threads": threads, "decoder": decoder}
         args = (reader, cache, slots, n, verify, close_reader)
         if blocking:
             self._run(*args)
@@ -469,7 +506,7 @@ class _PythonJob:
 
     def _run(self, reader, cache, slots, n, verify, close_reader) -> None:
         try:
-            _copy(reader, cache, slots, n, verify, on_layer=self._layer_done)
+            _copy(reader, cache, slots, n, verify, on_layer=self._layer_done, **self._decode)
         except BaseException as exc:  # noqa: BLE001 - handed to wait()
             self._error = exc
         finally:

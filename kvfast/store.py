@@ -16,6 +16,8 @@ point leaves either the old state or the new one:
                                          entry: no sidecar, no entry (an orphan .kvf is removed by gc)
     ROOT/.tmp/<pid>-<random>.*           files being written; gc removes those whose writer is dead
     ROOT/.locks/<xx>.lock                fcntl.flock stripes, by the document key's first two hex digits
+    ROOT/.tenants/<tenant_id>/<fp>/...   a tenant's entries (Store(tenant=salt)), keys salted with HMAC
+    ROOT/LEDGER.jsonl, ROOT/LEDGER.head  the usage ledger: one hash-chained record per load (kvfast.ledger)
 
 ``<fp>`` is the model fingerprint made file-name safe (``sha256:ab..`` -> ``sha256-ab..``) and
 ``<document_key>`` is :func:`kvfast.document_key` of the token ids with the store's ``block_tokens``.
@@ -36,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -60,13 +63,17 @@ from kvfast.fingerprint import block_hashes, document_key
 from kvfast.fingerprint import fingerprint as model_fingerprint
 from kvfast.format import DTYPE_NAMES, DTYPES, KvfReader, _fsync_dir, open_kvf, save_kv
 from kvfast.hf import publish as hf_publish
+from kvfast.ledger import Ledger
 from kvfast.loader import load
 from kvfast.paged import KVSequence, PagedKVCache
+from kvfast.sign import PublicKeyLike, SignatureError, read_sidecar, sig_path, trusted_key_ids, verify_signature
 
 STORE_VERSION = 1
 DEFAULT_BLOCK_TOKENS = 16  # tokens per hash-chain block: the granularity of prefix matches
 DEFAULT_RAM_BYTES = 1 << 30
 TIERS = ("device", "ram", "disk")
+MIN_TENANT_SALT_BYTES = 16  # a guessable salt would let another party compute the tenant's keys
+PREFILL_PROVENANCE = "prefill"  # an entry this store computed itself with the model (Store.publish)
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
 _FP_RE = re.compile(r"([a-z0-9]{1,16}):([0-9a-f]{16,128})")
 _TMP_RE = re.compile(r"\.?(\d+)-")
@@ -106,6 +113,8 @@ class StoreEntry:
         file_bytes: size of the .kvf file.
         created: publish time (seconds since the epoch).
         block_hashes: the hash chain over the document's full blocks (``num_tokens // block_tokens`` hex).
+        provenance: ``"signed:<key id>"`` (its signature was verified on ingest), ``"prefill"`` (this store
+            computed it with the model) or ``"unsigned"``.
     """
 
     key: StoreKey
@@ -119,6 +128,7 @@ class StoreEntry:
     file_bytes: int
     created: float
     block_hashes: tuple[str, ...] = field(repr=False)
+    provenance: str = "unsigned"
 
     @property
     def bytes_per_token(self) -> int:
@@ -128,7 +138,7 @@ class StoreEntry:
         return {"fingerprint": self.key.fingerprint, "document_key": self.key.document, "path": str(self.path),
                 "num_tokens": self.num_tokens, "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
                 "head_dim": self.head_dim, "dtype": self.dtype, "kv_bytes": self.kv_bytes,
-                "file_bytes": self.file_bytes, "created": self.created}
+                "file_bytes": self.file_bytes, "created": self.created, "provenance": self.provenance}
 
 
 @dataclass(frozen=True)
@@ -310,6 +320,17 @@ class Store:
             :meth:`gc`, least recently used first.
         block_tokens: tokens per hash-chain block, the granularity of prefix matches; fixed when the root
             is created (None: the root's, or 16 for a new root).
+        tenant: the tenant's secret salt (at least 16 bytes), set by the server for the tenant it serves and
+            never taken from a request. It is mixed (HMAC-SHA-256) into every document key and block hash, and
+            the tenant's entries live in their own folder (``ROOT/.tenants/<tenant_id>/``): a store object of
+            one tenant never hits, lists, counts or evicts another tenant's entries, and its lookups do not
+            depend on them (no timing channel). None: the shared, unsalted namespace.
+        trusted_keys: Ed25519 public keys (see :mod:`kvfast.sign`). When given, :meth:`put` refuses a file
+            whose signature sidecar (``doc.kvf.sig``) is missing, untrusted or does not match its bytes, and
+            records the verification in the entry; :meth:`attach` refuses entries not signed by one of these
+            keys (or computed by a store with the model, :meth:`publish`) with :class:`SignatureError`. The
+            full digests are checked once, on ingest; attaching reads the record only.
+        ledger: append a record of every served load to the root's usage ledger (:class:`kvfast.Ledger`).
 
     Example:
         >>> store = kvfast.Store("/srv/kv", ram_bytes=8 << 30)                      # doctest: +SKIP
@@ -319,7 +340,12 @@ class Store:
     """
 
     def __init__(self, root: str | os.PathLike, *, ram_bytes: int = DEFAULT_RAM_BYTES,
-                 device_blocks: int | None = None, disk_bytes: int | None = None, block_tokens: int | None = None):
+                 device_blocks: int | None = None, disk_bytes: int | None = None, block_tokens: int | None = None,
+                 tenant: bytes | None = None, trusted_keys: Sequence[PublicKeyLike] | None = None,
+                 ledger: bool = True):
+        if tenant is not None and (not isinstance(tenant, bytes) or len(tenant) < MIN_TENANT_SALT_BYTES):
+            raise ValueError(f"tenant must be a secret salt of at least {MIN_TENANT_SALT_BYTES} bytes (e.g. "
+                             "secrets.token_bytes(32), kept server-side), not a name a client could guess")
         for name, value in (("ram_bytes", ram_bytes), ("device_blocks", device_blocks), ("disk_bytes", disk_bytes)):
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -329,6 +355,14 @@ class Store:
         for d in (self.root, self._tmp, self._locks):
             d.mkdir(parents=True, exist_ok=True)
         self.block_tokens = self._settings(block_tokens)
+        self._salt = tenant
+        self.tenant_id = "" if tenant is None else hmac.new(tenant, b"kvfast tenant id", "sha256").hexdigest()[:32]
+        self._data = self.root if tenant is None else self.root / ".tenants" / self.tenant_id  # entries' folders
+        self._data.mkdir(parents=True, exist_ok=True)
+        self._trusted = None if trusted_keys is None else trusted_key_ids(trusted_keys)
+        if self._trusted is not None and not self._trusted:
+            raise ValueError("trusted_keys is empty: give at least one public key, or None to trust any entry")
+        self.ledger = Ledger(self.root) if ledger else None
         self._mutex = threading.RLock()
         self._dirs: dict[str, _DirIndex] = {}
         self._device: weakref.WeakKeyDictionary[PagedKVCache, _DeviceTier] = weakref.WeakKeyDictionary()
@@ -381,18 +415,30 @@ class Store:
     def _key_lock(self, key: StoreKey) -> contextlib.AbstractContextManager[None]:
         return self._flock(key.document[:2])
 
+    def _salted(self, digest: str) -> str:
+        """A document key or block hash in this tenant's namespace (unchanged without a tenant)."""
+        if self._salt is None:
+            return digest
+        return hmac.new(self._salt, bytes.fromhex(digest), "sha256").hexdigest()
+
+    def _document_key(self, token_ids: Sequence[int] | np.ndarray | torch.Tensor) -> str:
+        return self._salted(document_key(token_ids, self.block_tokens))
+
+    def _block_hashes(self, token_ids: Sequence[int] | np.ndarray | torch.Tensor) -> list[str]:
+        return [self._salted(h) for h in block_hashes(token_ids, self.block_tokens)]
+
     def _tmp_path(self, suffix: str) -> Path:
         return self._tmp / f"{os.getpid()}-{secrets.token_hex(8)}{suffix}"
 
     def _paths(self, key: StoreKey) -> tuple[Path, Path]:
-        folder = self.root / _fp_dirname(key.fingerprint)
+        folder = self._data / _fp_dirname(key.fingerprint)
         return folder / f"{key.document}.kvf", folder / f"{key.document}.json"
 
     # -- the index: the directory itself ---------------------------------------------------------------------
     def _dir_index(self, dirname: str) -> _DirIndex:
         """The folder's entries, rescanned when its mtime moved (other processes publish and remove)."""
         idx = self._dirs.setdefault(dirname, _DirIndex())
-        folder = self.root / dirname
+        folder = self._data / dirname
         try:
             st = os.stat(folder)
         except FileNotFoundError:
@@ -459,7 +505,8 @@ class Store:
                 num_tokens=int(body["num_tokens"]), num_layers=int(kv["num_layers"]),
                 num_kv_heads=int(kv["num_kv_heads"]), head_dim=int(kv["head_dim"]), dtype=str(kv["dtype"]),
                 kv_bytes=int(body["kv_bytes"]), file_bytes=int(body["file_bytes"]), created=float(body["created"]),
-                block_hashes=tuple(re.findall("." * 64, body["block_hashes"])))
+                block_hashes=tuple(re.findall("." * 64, body["block_hashes"])),
+                provenance=str(body.get("provenance", "unsigned")))
             problems = [what for what, bad in (
                 ("document_key", entry.key.document != doc),
                 ("fingerprint", _fp_dirname(entry.key.fingerprint) != folder.name),
@@ -479,7 +526,8 @@ class Store:
             return None
         return entry
 
-    def _sidecar(self, key: StoreKey, reader: KvfReader, file_bytes: int) -> bytes:
+    def _sidecar(self, key: StoreKey, reader: KvfReader, file_bytes: int, provenance: str,
+                 signature: dict[str, Any] | None) -> bytes:
         m = reader.manifest
         body = {
             "store_version": STORE_VERSION, "fingerprint": key.fingerprint, "document_key": key.document,
@@ -487,14 +535,18 @@ class Store:
             "kv": {"num_layers": m.num_layers, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
                    "dtype": DTYPE_NAMES[m.dtype]},
             "kv_bytes": sum(c.raw_length for c in reader.chunks), "file_bytes": file_bytes, "created": time.time(),
-            "block_hashes": "".join(block_hashes(reader.token_ids, self.block_tokens)),
+            "block_hashes": "".join(self._block_hashes(reader.token_ids)),
+            "provenance": provenance,
         }
+        if signature is not None:  # the publisher's sidecar and what ingest verified, for audits and re-export
+            body["signature"] = signature
         return json.dumps(body, sort_keys=True).encode()
 
     # -- publishing ----------------------------------------------------------------------------------------------
     def put(self, source: str | os.PathLike | KvfReader | tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]], *,
             token_ids: Sequence[int] | torch.Tensor | None = None, fingerprint: str | None = None,
-            verify: bool = True, **save_kv_options: Any) -> StoreEntry:
+            verify: bool = True, signature: str | os.PathLike | None = None,
+            **save_kv_options: Any) -> StoreEntry:
         """Publish a document's KV into the store, atomically; a document already stored is a no-op.
 
         Args:
@@ -504,6 +556,8 @@ class Store:
             token_ids, fingerprint: with ``(keys, values)``, the document's token ids and the model's
                 fingerprint (:func:`kvfast.fingerprint`).
             verify: check the copied file's chunk checksums before committing it.
+            signature: a file's signature sidecar (default ``source + ".sig"`` when it exists). A store with
+                ``trusted_keys`` requires it and verifies every byte of the copy against it before committing.
             save_kv_options: with ``(keys, values)``, passed to :func:`kvfast.save_kv` (``chunk_tokens``...).
 
         Returns:
@@ -511,6 +565,8 @@ class Store:
 
         Raises:
             FormatError (and subclasses): the source file is invalid or corrupted; nothing is stored.
+            SignatureError: a store with ``trusted_keys`` got an unsigned, untrusted or altered artifact (or
+                ``(keys, values)``, which carry no signature); nothing is stored.
 
         Example:
             >>> entry = store.put("doc.kvf")                                              # doctest: +SKIP
@@ -519,17 +575,22 @@ class Store:
         if isinstance(source, (str, os.PathLike, KvfReader)):
             if token_ids is not None or fingerprint is not None or save_kv_options:
                 raise TypeError("token_ids, fingerprint and save_kv options go with (keys, values), not a file")
-            return self._put_file(source.path if isinstance(source, KvfReader) else Path(source), verify)
+            return self._put_file(source.path if isinstance(source, KvfReader) else Path(source), verify, signature)
+        if signature is not None:
+            raise TypeError("signature= goes with a .kvf file, not (keys, values)")
+        if self._trusted is not None:
+            raise SignatureError(f"{self.root}: this store only takes signed artifacts; (keys, values) carry no "
+                                 "signature: save and sign them (kvfast.sign), or publish with the model")
         if token_ids is None or fingerprint is None:
             raise TypeError("put((keys, values), ...) needs token_ids= and fingerprint=")
         keys, values = source
-        key = StoreKey(fingerprint, document_key(token_ids, self.block_tokens))
+        key = StoreKey(fingerprint, self._document_key(token_ids))
         if (existing := self._existing(key)) is not None:
             return existing
         tmp = self._tmp_path(".kvf")
         try:
             save_kv(tmp, keys, values, token_ids, fingerprint=fingerprint, **save_kv_options)
-            return self._commit(key, tmp)
+            return self._commit(key, tmp, "unsigned", None)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -541,19 +602,19 @@ class Store:
             >>> entry = store.publish(model, doc_ids)  # doctest: +SKIP
         """
         ids = torch.from_numpy(_token_array(token_ids))
-        key = StoreKey(model_fingerprint(model), document_key(ids, self.block_tokens))
+        key = StoreKey(model_fingerprint(model), self._document_key(ids))
         if (existing := self._existing(key)) is not None:
             return existing
         tmp = self._tmp_path(".kvf")
         try:
             hf_publish(model, ids, tmp, **publish_options)
-            return self._commit(key, tmp)
+            return self._commit(key, tmp, PREFILL_PROVENANCE, None)
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _put_file(self, src: Path, verify: bool) -> StoreEntry:
+    def _put_file(self, src: Path, verify: bool, signature: str | os.PathLike | None) -> StoreEntry:
         with open_kvf(src) as r:  # cheap: validates header and tokens, finds the key before any copy
-            key = StoreKey(r.manifest.fingerprint, document_key(r.token_ids, self.block_tokens))
+            key = StoreKey(r.manifest.fingerprint, self._document_key(r.token_ids))
         if (existing := self._existing(key)) is not None:
             return existing
         tmp = self._tmp_path(".kvf")
@@ -564,13 +625,36 @@ class Store:
             with open_kvf(tmp) as r:
                 if verify:
                     r.verify()
-                copied = StoreKey(r.manifest.fingerprint, document_key(r.token_ids, self.block_tokens))
+                copied = StoreKey(r.manifest.fingerprint, self._document_key(r.token_ids))
             if copied != key:
                 raise FormatError("the file changed while it was being copied into the store; put it again",
                                   path=src)
-            return self._commit(key, tmp)
+            provenance, sig = self._check_signature(src, tmp, signature)
+            return self._commit(key, tmp, provenance, sig)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _check_signature(self, src: Path, tmp: Path,
+                         signature: str | os.PathLike | None) -> tuple[str, dict[str, Any] | None]:
+        """Ingest verification: every byte of our private copy against the publisher's signature, once.
+
+        Returns the entry's provenance and the record kept in its sidecar.
+        """
+        if self._trusted is None:
+            return "unsigned", None
+        sig_file = Path(signature) if signature is not None else sig_path(src)
+        try:
+            side = read_sidecar(sig_file)  # read once: the sidecar checked is the sidecar recorded
+            verified = verify_signature(tmp, self._trusted.values(), signature=side)
+        except SignatureError as exc:
+            raise SignatureError(f"{exc}; not stored", path=src) from None
+        return f"signed:{verified.key_id}", {**side, "verified": {**verified.to_json(), "time": time.time()}}
+
+    def _trusts(self, entry: StoreEntry) -> bool:
+        if self._trusted is None or entry.provenance == PREFILL_PROVENANCE:
+            return True
+        kind, _, kid = entry.provenance.partition(":")
+        return kind == "signed" and kid in self._trusted
 
     def _existing(self, key: StoreKey) -> StoreEntry | None:
         with self._mutex:
@@ -580,19 +664,19 @@ class Store:
                 return entry
         return None
 
-    def _commit(self, key: StoreKey, tmp: Path) -> StoreEntry:
+    def _commit(self, key: StoreKey, tmp: Path, provenance: str, signature: dict[str, Any] | None) -> StoreEntry:
         """Move a complete, fsynced .kvf into place and write its sidecar: the two renames of a publish."""
         _failpoint("put:written")
         kvf, side = self._paths(key)
         with open_kvf(tmp) as r:
-            sidecar = self._sidecar(key, r, tmp.stat().st_size)
+            sidecar = self._sidecar(key, r, tmp.stat().st_size, provenance, signature)
         side_tmp = self._tmp_path(".json")
         try:
             _write_durable(side_tmp, sidecar)
             _failpoint("put:sidecar-written")
             if not kvf.parent.exists():
                 kvf.parent.mkdir(exist_ok=True)
-                _fsync_dir(self.root)
+                _fsync_dir(self._data)
             # Never take self._mutex while holding a file lock (attach holds the mutex and may remove).
             with self._key_lock(key):
                 duplicate = side.exists() and kvf.exists()  # another process published it first
@@ -634,7 +718,7 @@ class Store:
             if fingerprint is not None:
                 dirs = [_fp_dirname(fingerprint)]
             else:
-                dirs = [d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+                dirs = [d.name for d in self._data.iterdir() if d.is_dir() and not d.name.startswith(".")]
             out = [e for d in dirs for e in self._dir_index(d).entries.values()]
         return sorted(out, key=lambda e: e.key)
 
@@ -667,7 +751,7 @@ class Store:
         idx = self._index_of(fp)
         if not idx.entries:
             return None
-        chain = block_hashes(ids, self.block_tokens)
+        chain = self._block_hashes(ids)
         matched = 0  # stored chains are prefix-closed, so the first miss ends the walk
         while matched < len(chain) and chain[matched] in idx.by_hash:
             matched += 1
@@ -677,7 +761,7 @@ class Store:
         candidates = []
         for doc in idx.by_tail.get(tail, ()):
             e = idx.entries[doc]
-            if e.num_tokens <= len(ids) and document_key(ids[: e.num_tokens], self.block_tokens) == doc:
+            if e.num_tokens <= len(ids) and self._document_key(ids[: e.num_tokens]) == doc:
                 candidates.append((e.num_tokens, e))
         if not candidates and matched:
             candidates = [(matched * self.block_tokens, idx.entries[doc]) for doc in idx.by_hash[tail]]
@@ -718,6 +802,7 @@ class Store:
 
         Raises:
             ShapeMismatchError, DtypeMismatchError: the cache (or model) does not fit the stored KV.
+            SignatureError: the store has ``trusted_keys`` and the matched entry is not signed by one of them.
             CacheFullError: not enough free blocks even after evicting unused documents.
 
         Example:
@@ -728,6 +813,7 @@ class Store:
             raise ValueError(f"min_rest must be >= 0, got {min_rest}")
         ids = _token_array(prompt_token_ids)
         fp = self._fingerprint(model)
+        started = time.perf_counter()
         with self._mutex:
             self._counters.attaches += 1
             for _ in range(3):  # another process may remove the matched entry under us: match again
@@ -736,6 +822,9 @@ class Store:
                 if n <= 0:
                     break
                 self._check_fits(m.entry, cache, model)
+                if not self._trusts(m.entry):
+                    raise SignatureError(f"entry is {m.entry.provenance}, not signed by a trusted key; put it "
+                                         "again with its signature", path=m.entry.path)
                 try:
                     root, tier = self._resident(m.entry, cache, verify)
                 except FileNotFoundError:
@@ -751,6 +840,15 @@ class Store:
                 if m.entry.key not in self._device[cache].roots:  # loaded over budget: the caller owns it alone
                     cache.free(root.seq)
                 self._served(m.entry, tier, n, model)
+                if self.ledger is not None:
+                    try:  # a load that cannot be billed is not served
+                        self.ledger.append(tenant=self.tenant_id, fingerprint=m.entry.key.fingerprint,
+                                           document=m.entry.key.document, tokens=n,
+                                           nbytes=n * m.entry.bytes_per_token, tier=tier,
+                                           seconds=time.perf_counter() - started, time_s=time.time())
+                    except BaseException:
+                        cache.free(seq)
+                        raise
                 return seq, n
             self._counters.misses += 1
             return cache.new_sequence(), 0
@@ -983,7 +1081,7 @@ class Store:
                 if pid is None or not _pid_alive(pid) or now - p.stat().st_mtime > _TMP_MAX_AGE_S:
                     p.unlink()
                     report["temp_files"] += 1
-        for folder in [d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")]:
+        for folder in [d for d in self._data.iterdir() if d.is_dir() and not d.name.startswith(".")]:
             for p in sorted(folder.iterdir()):
                 doc, ext = p.stem, p.suffix
                 if not _KEY_RE.fullmatch(doc) or ext not in (".kvf", ".json"):
@@ -1025,7 +1123,7 @@ class Store:
             with open_kvf(entry.path) as r:
                 r.verify()
                 return (r.manifest.fingerprint == entry.key.fingerprint
-                        and document_key(r.token_ids, self.block_tokens) == doc)
+                        and self._document_key(r.token_ids) == doc)
         except FileNotFoundError:
             return not (folder / f"{doc}.json").exists()
         except FormatError:

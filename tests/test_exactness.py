@@ -15,10 +15,11 @@ LAYOUTS = ["NHD", "HND"]
 BLOCK_SIZES = [1, 16, 256]
 DOC_TOKENS = 300  # not a multiple of the chunk (64), the prefill chunk (128) or most block sizes
 NEW_TOKENS = 32
+CODECS = ["raw", "lossless"]  # every exactness promise holds for stored and for coded chunks (FORMAT.md §7)
 
 
-def _publish_and_load(model, doc, tmp_path, *, block_size=16, layout="NHD"):
-    path = kvfast.publish(model, doc, tmp_path / "doc.kvf", chunk_tokens=64, prefill_chunk=128)
+def _publish_and_load(model, doc, tmp_path, *, block_size=16, layout="NHD", codec="raw"):
+    path = kvfast.publish(model, doc, tmp_path / "doc.kvf", chunk_tokens=64, prefill_chunk=128, codec=codec)
     cache = kvfast.PagedKVCache.for_model(model, num_blocks=4 * (len(doc) // block_size + 8), block_size=block_size,
                                           layout=layout)
     return cache, kvfast.load(path, cache, model=model)
@@ -43,18 +44,20 @@ def _check_against_baselines(model, doc, question, cache, seq, dtype):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_token_exact_reuse(arch, dtype, tmp_path):
+@pytest.mark.parametrize("codec", CODECS)
+def test_token_exact_reuse(arch, dtype, codec, tmp_path):
     model = tiny_model(arch, dtype)
     doc, question = random_ids(DOC_TOKENS, seed=1), random_ids(16, seed=2)
-    cache, seq = _publish_and_load(model, doc, tmp_path)
+    cache, seq = _publish_and_load(model, doc, tmp_path, codec=codec)
     _check_against_baselines(model, doc, question, cache, seq, dtype)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_token_exact_reuse_layouts(layout, tmp_path):
+@pytest.mark.parametrize("codec", CODECS)
+def test_token_exact_reuse_layouts(layout, codec, tmp_path):
     model = tiny_model("qwen3", torch.bfloat16)
     doc, question = random_ids(DOC_TOKENS, seed=3), random_ids(16, seed=4)
-    cache, seq = _publish_and_load(model, doc, tmp_path, layout=layout)
+    cache, seq = _publish_and_load(model, doc, tmp_path, layout=layout, codec=codec)
     _check_against_baselines(model, doc, question, cache, seq, torch.bfloat16)
 
 
@@ -66,12 +69,13 @@ def test_token_exact_reuse_block_sizes(block_size, tmp_path):
     _check_against_baselines(model, doc, question, cache, seq, torch.float32)
 
 
-def test_stories260k_trained_model(tmp_path):
+@pytest.mark.parametrize("codec", CODECS)
+def test_stories260k_trained_model(codec, tmp_path):
     model = stories_model()
     # In-distribution text: the model's own greedy story from BOS, as llama2.c would write it.
     story = [1] + decode(model, DynamicCache(), [1], max_new_tokens=299, return_logits=False).tokens
     doc, question = story[:260], story[260:276]
-    cache, seq = _publish_and_load(model, doc, tmp_path)
+    cache, seq = _publish_and_load(model, doc, tmp_path, codec=codec)
     _check_against_baselines(model, doc, question, cache, seq, torch.float32)
 
 

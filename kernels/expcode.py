@@ -1,0 +1,148 @@
+"""Triton decoder of expcode-v1 chunks (docs/FORMAT.md §7.1) that writes straight into paged K/V caches.
+
+One program decodes ``BLOCK`` segments side by side, one per lane: each lane walks its own bit stream (a
+12-bit peek, one table lookup per symbol), merges each symbol with its raw bytes and stores the float at the
+address the slot mapping gives its token. Segments are independent and their output addresses are known in
+advance, so every segment of a chunk decodes at once.
+
+The host (:func:`decode_paged`) checks the header, segment directory and code tables with the numpy reference
+(:mod:`kvfast.codec.expcode`) before launch, so the kernel trusts the sizes; each lane still reads only inside
+its own segment and reports whether its stream was exactly consumed, which the host checks after the launch.
+
+Runs compiled on a GPU and, with ``TRITON_INTERPRET=1``, on CPU tensors (the tests).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from kvfast.codec import expcode
+from kvfast.codec.errors import CodecError
+
+_BLOCK = 32  # segments per program
+
+
+@triton.jit
+def _decode_kernel(
+    data_ptr,  # [length] uint8: the chunk's stored bytes
+    lut_ptr,  # [2H, 4096] int32: symbol | code length << 8 for each 12-bit peek (length 0: no code)
+    seg_start_ptr, seg_bytes_ptr,  # [num_segments] int64: byte offset in data, byte length
+    status_ptr,  # [num_segments] int64 out: bits consumed, or -1 (no code, stream not exactly consumed)
+    k_ptr, v_ptr,  # [num_blocks, block_size, H, HEAD_DIM] words (int16 / int32), token-major strided views
+    slot_ptr,  # [num_tokens] int64: block_idx * block_size + block_offset, or -1 (not stored)
+    num_segments, num_heads, num_tokens, seg_tokens, segs_per_plane, raw_offset, block_size,
+    k_block_stride, k_token_stride, k_head_stride, v_block_stride, v_token_stride, v_head_stride,
+    HEAD_DIM: tl.constexpr, ITEMSIZE: tl.constexpr, MAX_SYMBOLS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    seg = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = seg < num_segments
+    seg = tl.where(live, seg, 0)
+    plane = seg // segs_per_plane
+    kv = plane // num_heads
+    head = plane % num_heads
+    tok0 = (seg % segs_per_plane) * seg_tokens
+    count = tl.where(live, tl.minimum(num_tokens - tok0, seg_tokens) * HEAD_DIM, 0)
+    start = tl.load(seg_start_ptr + seg, mask=live, other=0)
+    nbytes = tl.load(seg_bytes_ptr + seg, mask=live, other=0)
+    elements = num_tokens * num_heads * HEAD_DIM  # of K (or V)
+
+    pos = tl.zeros([BLOCK], dtype=tl.int64)  # bit position in the segment
+    bad = tl.zeros([BLOCK], dtype=tl.int1)
+    for i in range(MAX_SYMBOLS):
+        active = i < count
+        byte = pos >> 3
+        # 24 bits from the peek's byte on; bytes past the segment's end read as zero
+        b0 = tl.load(data_ptr + start + byte, mask=active & (byte < nbytes), other=0).to(tl.int64)
+        b1 = tl.load(data_ptr + start + byte + 1, mask=active & (byte + 1 < nbytes), other=0).to(tl.int64)
+        b2 = tl.load(data_ptr + start + byte + 2, mask=active & (byte + 2 < nbytes), other=0).to(tl.int64)
+        peek = (((b0 << 16) | (b1 << 8) | b2) >> (12 - (pos & 7))) & 0xFFF
+        entry = tl.load(lut_ptr + plane * 4096 + peek, mask=active, other=0).to(tl.int64)
+        length = entry >> 8
+        bad = bad | (active & (length == 0))
+        pos += tl.where(active, length, 0)
+
+        tok = tok0 + i // HEAD_DIM
+        d = i % HEAD_DIM
+        elem = kv * elements + (tok * num_heads + head) * HEAD_DIM + d
+        word = (entry & 0xFF) << (8 * ITEMSIZE - 8)
+        for j in tl.static_range(ITEMSIZE - 1):
+            raw = tl.load(data_ptr + raw_offset + elem * (ITEMSIZE - 1) + j, mask=active, other=0)
+            word |= raw.to(tl.int64) << (8 * j)
+        bits = (word >> 1) | ((word & 1) << (8 * ITEMSIZE - 1))  # rotate right: the sign back on top
+        if ITEMSIZE == 2:
+            value = bits.to(tl.int16, bitcast=False)
+        else:
+            value = bits.to(tl.int32, bitcast=False)
+
+        slot = tl.load(slot_ptr + tok, mask=active, other=-1)
+        store = active & (slot >= 0)
+        slot = tl.maximum(slot, 0)  # masked-off lanes still compute an address inside the cache
+        block_idx = slot // block_size
+        block_offset = slot % block_size
+        tl.store(k_ptr + block_idx * k_block_stride + block_offset * k_token_stride + head * k_head_stride + d,
+                 value, mask=store & (kv == 0))
+        tl.store(v_ptr + block_idx * v_block_stride + block_offset * v_token_stride + head * v_head_stride + d,
+                 value, mask=store & (kv == 1))
+
+    last = tl.load(data_ptr + start + nbytes - 1, mask=live & (nbytes > 0), other=0).to(tl.int64)
+    padding = tl.where((pos & 7) != 0, last & (0xFF >> (pos & 7)), 0)
+    exact = ((pos + 7) >> 3 == nbytes) & (padding == 0) & (bad == 0)
+    tl.store(status_ptr + seg, tl.where(exact, pos, -1), mask=live)
+
+
+def decode_paged(stored: np.ndarray, k_pages: torch.Tensor, v_pages: torch.Tensor, slot_mapping: torch.Tensor, *,
+                 where: str = "chunk") -> None:
+    """Decode one expcode-v1 chunk into paged caches.
+
+    Parameters
+    ----------
+    stored : np.ndarray
+        ``[length]`` uint8, the chunk's stored bytes (already checksummed), coded (``length < raw_length``).
+    k_pages, v_pages : torch.Tensor
+        ``[num_blocks, block_size, H, head_dim]`` float16/bfloat16/float32 token-major views of one layer's
+        K and V pages (an HND cache as ``permute(0, 2, 1, 3)``), innermost axis contiguous; written in place.
+    slot_mapping : torch.Tensor
+        ``[t]`` int64 on the pages' device, the chunk's tokens: ``block_idx * block_size + block_offset``, or
+        ``-1`` for a token not to store (past a loaded prefix).
+
+    Raises :class:`CodecError` naming ``where`` when the bytes are inconsistent (before launch for sizes and
+    tables, after it for bit streams: the pages of the chunk's tokens then hold garbage and must be discarded).
+
+    Example
+    -------
+    >>> decode_paged(reader.read_stored(chunk), k_cache, v_cache, slots)  # doctest: +SKIP
+    """
+    num_blocks, block_size, heads, head_dim = k_pages.shape
+    itemsize = k_pages.element_size()
+    t = slot_mapping.numel()
+    if k_pages.stride(3) != 1 or v_pages.stride(3) != 1 or v_pages.shape != k_pages.shape:
+        raise ValueError("k_pages and v_pages must be [num_blocks, block_size, H, head_dim] with a contiguous "
+                         "last axis")
+    lay = expcode.parse_layout(stored, t, heads, head_dim, itemsize, where)
+    luts = np.empty((lay.num_planes, 1 << expcode.MAX_CODE_BITS), dtype=np.int32)
+    for p in range(lay.num_planes):
+        symbol, length = expcode.decode_table(expcode.unpack_table(stored, int(lay.table_offsets[p])),
+                                              f"{where} table {p}")
+        luts[p] = symbol.astype(np.int32) | (length.astype(np.int32) << 8)
+    device = k_pages.device
+    num_segments = lay.num_planes * lay.segs_per_plane
+    starts = torch.from_numpy(lay.seg_offsets[:-1].copy()).to(device)
+    lengths = torch.from_numpy(np.diff(lay.seg_offsets)).to(device)
+    status = torch.empty(num_segments, dtype=torch.int64, device=device)
+    words = {2: torch.int16, 4: torch.int32}[itemsize]
+    k_words, v_words = k_pages.view(words), v_pages.view(words)
+    _decode_kernel[(triton.cdiv(num_segments, _BLOCK),)](
+        torch.from_numpy(np.require(stored, requirements="W")).to(device), torch.from_numpy(luts).to(device),
+        starts, lengths, status,
+        k_words, v_words, slot_mapping,
+        num_segments, heads, t, lay.seg_tokens, lay.segs_per_plane, lay.raw, block_size,
+        k_words.stride(0), k_words.stride(1), k_words.stride(2), v_words.stride(0), v_words.stride(1),
+        v_words.stride(2),
+        HEAD_DIM=head_dim, ITEMSIZE=itemsize, MAX_SYMBOLS=lay.seg_tokens * head_dim, BLOCK=_BLOCK,
+    )
+    failed = torch.nonzero(status < 0)
+    if failed.numel():
+        s = int(failed[0])
+        raise CodecError(f"{where} segment {s}: the bit stream holds no valid code sequence of its length")

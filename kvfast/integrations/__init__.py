@@ -1,0 +1,7 @@
+"""Serving-stack integrations: kvfast documents loaded into (and published from) engines' own KV caches.
+
+Each integration lives in its own module and imports its engine only there, so ``import kvfast`` never needs one:
+
+    kvfast.integrations.vllm         the vLLM KV connector (``KvfastConnector``); needs ``pip install kvfast[vllm]``
+    kvfast.integrations.vllm_layout  vLLM's KV cache tensors as kvfast page views (no vLLM import)
+"""
