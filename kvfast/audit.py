@@ -134,55 +134,6 @@ def recompute(model: Any, token_ids: torch.Tensor, keys: list[torch.Tensor], val
     return new_k, new_v
 
 
-@dataclass
-class AuditReport:
-    """The result of :func:`audit`.
-
-    Attributes:
-        ok: every error within tolerance (and finite).
-        path: the file.
-        num_tokens: document length.
-        positions: the sampled positions.
-        sample_errors: ``[S, L, 2]`` relative errors per (sample, layer, K|V); ``inf`` for non-finite values.
-        layer_errors: ``[L, 2]`` relative RMS errors per (layer, K|V) over the samples.
-        tolerance: what they were compared with.
-        worst: up to 5 ``{"position", "layer", "kv", "error", "tolerance"}``, largest error/tolerance first.
-        flops: FLOPs of the audit's forward (dense attention over the prefix, as executed).
-        prefill_flops: FLOPs of prefilling the document (:func:`kvfast.cost.prefill_flops`).
-        merkle_root: the artifact's (the sample positions derive from it).
-        seconds: wall time of the recompute.
-        attn_implementation: the auditor's.
-    """
-
-    ok: bool
-    path: str
-    num_tokens: int
-    positions: list[int]
-    sample_errors: torch.Tensor = field(repr=False)
-    layer_errors: torch.Tensor = field(repr=False)
-    tolerance: Tolerance
-    worst: list[dict[str, Any]]
-    flops: int
-    prefill_flops: int
-    merkle_root: str
-    seconds: float
-    attn_implementation: str
-
-    @property
-    def cost_fraction(self) -> float:
-        """The audit's FLOPs as a fraction of the document's prefill FLOPs."""
-        return self.flops / self.prefill_flops
-
-    def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "path": self.path, "num_tokens": self.num_tokens, "samples": len(self.positions),
-                "positions": self.positions, "worst": self.worst,
-                "tolerance": {"sample": self.tolerance.sample, "layer": self.tolerance.layer},
-                "max_sample_error": float(self.sample_errors.max()), "max_layer_error": float(self.layer_errors.max()),
-                "flops": self.flops, "prefill_flops": self.prefill_flops, "cost_fraction": self.cost_fraction,
-                "merkle_root": self.merkle_root, "seconds": self.seconds,
-                "attn_implementation": self.attn_implementation}
-
-
 def check(model: Any, token_ids: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
           positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Errors of the stored K/V at ``positions`` against their recomputation (:func:`recompute`).
