@@ -35,11 +35,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any, Union
 
 from kvfast.errors import KvfastError
 from kvfast.format import DTYPE_NAMES, KvfReader, _fsync_dir, open_kvf, token_sha256
@@ -49,7 +45,10 @@ SIG_SUFFIX = ".sig"
 _DOMAIN = b"kvfast signed statement v1\0"  # signatures over statements can never pass for anything else
 _HASH_THREADS = min(4, os.cpu_count() or 1)  # hashlib releases the GIL for buffers over 2 KiB
 
-PublicKeyLike = Union[Ed25519PublicKey, Ed25519PrivateKey, str, os.PathLike, bytes]
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+PublicKeyLike = Union["Ed25519PublicKey", "Ed25519PrivateKey", str, os.PathLike, bytes]
 
 
 class SignatureError(KvfastError):
@@ -57,8 +56,21 @@ class SignatureError(KvfastError):
 
 
 # -- keys ----------------------------------------------------------------------------------------------------
+def _crypto() -> tuple[Any, Any]:
+    """(``ed25519``, ``serialization``) of the ``cryptography`` package, imported on first use: loading unsigned
+    KV must not need it (the GPU machines' images, for one, do not have it)."""
+    try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError:
+        raise ImportError("signing and verifying .kvf files needs the 'cryptography' package: "
+                          "pip install 'cryptography>=42'") from None
+    return ed25519, serialization
+
+
 def key_id(public_key: Ed25519PublicKey) -> str:
     """``"ed25519:<32 hex>"``: the first 16 bytes of SHA-256 of the raw 32-byte public key."""
+    _, serialization = _crypto()
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return "ed25519:" + hashlib.sha256(raw).hexdigest()[:32]
 
@@ -72,7 +84,8 @@ def keygen(path: str | os.PathLike) -> tuple[Path, Path]:
         (private key path, public key path).
     """
     private = Path(path)
-    key = Ed25519PrivateKey.generate()
+    ed25519, serialization = _crypto()
+    key = ed25519.Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -86,27 +99,29 @@ def keygen(path: str | os.PathLike) -> tuple[Path, Path]:
 
 def load_private_key(key: Ed25519PrivateKey | str | os.PathLike) -> Ed25519PrivateKey:
     """An Ed25519 private key from a key object or a PEM file made by :func:`keygen`."""
-    if isinstance(key, Ed25519PrivateKey):
+    ed25519, serialization = _crypto()
+    if isinstance(key, ed25519.Ed25519PrivateKey):
         return key
     try:
         loaded = serialization.load_pem_private_key(Path(key).read_bytes(), password=None)
     except (ValueError, TypeError) as exc:
         raise SignatureError(f"not an unencrypted PEM private key ({exc})", path=key) from None
-    if not isinstance(loaded, Ed25519PrivateKey):
+    if not isinstance(loaded, ed25519.Ed25519PrivateKey):
         raise SignatureError(f"key is {type(loaded).__name__}, kvfast signs with Ed25519", path=key)
     return loaded
 
 
 def load_public_key(key: PublicKeyLike) -> Ed25519PublicKey:
     """An Ed25519 public key from a key object, a PEM file (public or private), or 32 raw bytes."""
-    if isinstance(key, Ed25519PublicKey):
+    ed25519, serialization = _crypto()
+    if isinstance(key, ed25519.Ed25519PublicKey):
         return key
-    if isinstance(key, Ed25519PrivateKey):
+    if isinstance(key, ed25519.Ed25519PrivateKey):
         return key.public_key()
     if isinstance(key, bytes):
         if len(key) != 32:
             raise SignatureError(f"a raw Ed25519 public key has 32 bytes, got {len(key)}")
-        return Ed25519PublicKey.from_public_bytes(key)
+        return ed25519.Ed25519PublicKey.from_public_bytes(key)
     data = Path(key).read_bytes()
     try:
         loaded: Any = serialization.load_pem_public_key(data)
@@ -115,7 +130,7 @@ def load_public_key(key: PublicKeyLike) -> Ed25519PublicKey:
             loaded = serialization.load_pem_private_key(data, password=None).public_key()
         except (ValueError, TypeError) as exc:
             raise SignatureError(f"not a PEM Ed25519 key ({exc})", path=key) from None
-    if not isinstance(loaded, Ed25519PublicKey):
+    if not isinstance(loaded, ed25519.Ed25519PublicKey):
         raise SignatureError(f"key is {type(loaded).__name__}, kvfast verifies Ed25519", path=key)
     return loaded
 
@@ -357,6 +372,8 @@ def _verify_open(reader: KvfReader, trusted: dict[str, Ed25519PublicKey],
         if field not in body or field not in claimed or body[field] != claimed[field]:
             raise SignatureError(f"statement field {field!r} differs from the file: the artifact was changed "
                                  "after signing, or the signature belongs to another artifact", path=reader.path)
+    from cryptography.exceptions import InvalidSignature  # trusted keys were loaded: the package is there
+
     try:
         raw_sig = base64.b64decode(side["signature"], validate=True)
         if base64.b64encode(raw_sig).decode() != side["signature"]:  # one signature, one spelling

@@ -304,3 +304,27 @@ def test_verifies_the_bytes_the_reader_opened_not_a_file_renamed_in_later(tmp_pa
         os.replace(genuine, path)  # swapped in after the open, before the hashing
         with pytest.raises(SignatureError, match="differs from the file"):
             verify_signature(reader, [keys_dir / "pub.key.pub"])
+
+
+def test_unsigned_kv_loads_without_the_cryptography_package(tmp_path):
+    """The GPU machines' images have no ``cryptography``: importing kvfast and loading unsigned KV must not need
+    it, and signing there says what to install. A real interpreter with the package made unimportable."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+sys.modules["cryptography"] = None  # what Python does for a package that is not installed
+import torch, kvfast
+fp = "sha256:" + "ab" * 32
+kvfast.save_kv({str(tmp_path / 'doc.kvf')!r}, [torch.randn(8, 2, 4)], [torch.randn(8, 2, 4)], range(8), fingerprint=fp)
+cache = kvfast.PagedKVCache(1, 2, 4, num_blocks=4, block_size=4, dtype=torch.float32)
+kvfast.load({str(tmp_path / 'doc.kvf')!r}, cache, fingerprint=fp)
+try:
+    kvfast.keygen({str(tmp_path / 'key')!r})
+except ImportError as exc:
+    print(exc)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "needs the 'cryptography' package" in out.stdout
