@@ -1,4 +1,4 @@
-"""The lossless codec (expcode-v1) against generic compressors and entropy bounds, on real models' bf16 KV.
+"""The lossless codec (expcode-v2, and v1) against generic compressors and entropy bounds, on real models' bf16 KV.
 
 KV sources, each prefilled in bfloat16 on the CPU:
 
@@ -10,8 +10,9 @@ KV sources, each prefilled in bfloat16 on the CPU:
   the table says which is which.
 
 For K, V and both, the ratio (raw bytes / compressed bytes) of zstd -3, zstd -19, lz4, a byte-plane split
-(exponent bytes and sign/mantissa bytes compressed apart with zstd -19) and expcode-v1 as the file stores it
-(chunks of 256 tokens, tables and directory included), beside two bounds for coding the exponent byte with
+(exponent bytes and sign/mantissa bytes compressed apart with zstd -19) and expcode-v1 / expcode-v2 (v1 + rows
+that repeat stored once) as the file stores them (chunks of 256 tokens, tables, repeat lists and directory
+included), beside two bounds for coding the exponent byte with
 the sign/mantissa byte stored raw: order-0 (one symbol distribution over all of the set) and conditioned on
 (layer, head, channel). Then the C++ codec's encode and decode speed (MB/s of raw KV, one thread and all
 threads), and ``kvfast.publish`` with the codec against raw publish on the same model and document.
@@ -120,28 +121,30 @@ def bounds(tensors) -> tuple[float, float]:
     return 16 * n / (8 * n + order0), 16 * n / (8 * n + channel)
 
 
-def expcode_sizes(keys, values) -> tuple[int, int]:
-    """(K bytes, V bytes) of expcode-v1 as a file with 256-token chunks stores them: each chunk's header, tables,
-    raw bytes, directory and streams split between K planes and V planes (a verbatim chunk counts as raw)."""
-    k_total = v_total = 0
+def expcode_sizes(keys, values, repeats: bool) -> list[int]:
+    """[K bytes, V bytes] of expcode-v2 (``repeats``) or -v1 as a file with 256-token chunks stores them: each
+    chunk's header, repeat lists, tables, raw bytes, directory and streams split between K and V (a verbatim chunk
+    counts as raw)."""
+    totals = [0.0, 0.0]
     for k, v in zip(keys, values):
         n, heads, head_dim = k.shape
         for a in range(0, n, CHUNK_TOKENS):
             kc, vc = (x[a : a + CHUNK_TOKENS].contiguous().view(torch.int16).numpy() for x in (k, v))
             t = kc.shape[0]
             seg = expcode.default_seg_tokens(head_dim, t)
-            coded = np.frombuffer(_C.expcode_encode(kc, vc, t, heads, head_dim, 2, seg, 1), np.uint8)
+            coded = np.frombuffer(_C.expcode_encode(kc, vc, t, heads, head_dim, 2, seg, 1, repeats=repeats), np.uint8)
             if len(coded) >= 2 * kc.nbytes:
-                k_total, v_total = k_total + kc.nbytes, v_total + vc.nbytes
+                totals = [totals[0] + kc.nbytes, totals[1] + vc.nbytes]
                 continue
-            lay = expcode.parse_layout(coded, t, heads, head_dim, 2, "bench")
-            half = lay.num_planes // 2 * lay.segs_per_plane
-            streams = np.diff(lay.seg_offsets)
-            fixed = expcode.HEADER_BYTES / 2 + kc.size + 4 * half  # half the header; each its raw bytes, directory
-            tables = np.diff(lay.table_offsets)
-            k_total += int(fixed + tables[:heads].sum() + streams[:half].sum())
-            v_total += int(fixed + tables[heads:].sum() + streams[half:].sum())
-    return k_total, v_total
+            lay = expcode.parse_layout(coded, t, heads, head_dim, 2, "bench", repeats)
+            header = int(lay.table_offsets[0]) - 8 * (len(lay.repeats[0]) + len(lay.repeats[1]))  # shared: halved
+            tables, streams = np.diff(lay.table_offsets), np.diff(lay.seg_offsets)
+            segments = np.split(streams, [int(lay.plane_segments[heads])])  # K planes' segments, V planes'
+            for half in (0, 1):
+                totals[half] += (header / 2 + 8 * len(lay.repeats[half]) + len(lay.kept[half]) * heads * head_dim
+                                 + tables[half * heads : (half + 1) * heads].sum() + 4 * len(segments[half])
+                                 + segments[half].sum())
+    return [round(x) for x in totals]
 
 
 def plane_split_zstd19(data: bytes) -> int:
@@ -154,9 +157,9 @@ def plane_split_zstd19(data: bytes) -> int:
 
 def ratio_rows(name: str, keys, values) -> list[dict]:
     rows = []
-    k_coded, v_coded = expcode_sizes(keys, values)
-    for part, tensors, ours in (("K", keys, k_coded), ("V", values, v_coded),
-                                ("K+V", [*keys, *values], k_coded + v_coded)):
+    v1, v2 = expcode_sizes(keys, values, False), expcode_sizes(keys, values, True)
+    for part, tensors, pick in (("K", keys, lambda x: x[0]), ("V", values, lambda x: x[1]),
+                                ("K+V", [*keys, *values], sum)):
         data = raw_bytes(tensors)
         order0, channel = bounds(tensors)
         row = {"model": name, "part": part, "MB": len(data) / 1e6,
@@ -164,9 +167,10 @@ def ratio_rows(name: str, keys, values) -> list[dict]:
                "zstd-19": len(data) / len(zstandard.ZstdCompressor(level=19).compress(data)),
                "lz4": len(data) / len(lz4.frame.compress(data)),
                "planes+zstd-19": len(data) / plane_split_zstd19(data),
-               "order-0 bound": order0, "channel bound": channel, "expcode-v1": len(data) / ours}
-        row["vs order-0"] = row["expcode-v1"] / order0
-        row["vs zstd-19"] = row["expcode-v1"] / row["zstd-19"]
+               "order-0 bound": order0, "channel bound": channel, "expcode-v1": len(data) / pick(v1),
+               "expcode-v2": len(data) / pick(v2)}
+        row["v2 vs order-0"] = row["expcode-v2"] / order0
+        row["v2 vs zstd-19"] = row["expcode-v2"] / row["zstd-19"]
         rows.append(row)
     return rows
 
@@ -182,7 +186,7 @@ def best_seconds(fn, repeat: int) -> float:
 
 
 def speed_rows(name: str, keys, values, repeat: int) -> list[dict]:
-    """Encode and decode MB/s (raw KV bytes) of whole-layer chunks on 1 thread and on every core."""
+    """expcode-v2's encode and decode MB/s (raw KV bytes) of 256-token chunks on 1 thread and on every core."""
     chunks = []
     for k, v in zip(keys, values):
         for a in range(0, k.shape[0], CHUNK_TOKENS):
@@ -193,14 +197,14 @@ def speed_rows(name: str, keys, values, repeat: int) -> list[dict]:
     for threads in sorted({1, os.cpu_count() or 1}):
         def encode():
             return [_C.expcode_encode(kc, vc, *kc.shape, 2, expcode.default_seg_tokens(kc.shape[2], kc.shape[0]),
-                                      threads) for kc, vc in chunks]
+                                      threads, repeats=True) for kc, vc in chunks]
 
         coded = encode()
         outs = [np.empty(kc.nbytes + vc.nbytes, np.uint8) for kc, vc in chunks]
 
         def decode():
             for c, out, (kc, _) in zip(coded, outs, chunks):
-                _C.expcode_decode(c, out, *kc.shape, 2, threads)
+                _C.expcode_decode(c, out, *kc.shape, 2, threads, repeats=True)
 
         decode()
         for out, (kc, vc) in zip(outs, chunks):
@@ -211,18 +215,19 @@ def speed_rows(name: str, keys, values, repeat: int) -> list[dict]:
 
 
 def publish_row(name: str, model, doc, repeat: int) -> dict:
-    times = {}
+    """Median seconds of ``kvfast.publish`` raw and lossless, runs alternating so that drift hits both alike;
+    3 x ``repeat`` runs each (a stories260K publish takes ~10 ms, where 5 runs are noise)."""
+    times = {"raw": [], "lossless": []}
     with tempfile.TemporaryDirectory(prefix="kvfast-bench-codec-") as folder:
-        for codec in ("raw", "lossless"):
-            runs = []
-            for _ in range(repeat):
+        for _ in range(3 * repeat):
+            for codec, runs in times.items():
                 t0 = time.perf_counter()
                 kvfast.publish(model, doc, Path(folder) / f"{codec}.kvf", codec=codec)
                 runs.append(time.perf_counter() - t0)
-            times[codec] = statistics.median(runs)
         sizes = {c: (Path(folder) / f"{c}.kvf").stat().st_size for c in times}
-    return {"model": name, "raw s": times["raw"], "lossless s": times["lossless"],
-            "ratio": times["lossless"] / times["raw"], "file ratio": sizes["raw"] / sizes["lossless"]}
+    raw, lossless = statistics.median(times["raw"]), statistics.median(times["lossless"])
+    return {"model": name, "raw s": raw, "lossless s": lossless, "ratio": lossless / raw,
+            "file ratio": sizes["raw"] / sizes["lossless"]}
 
 
 # -- GPU (bench/gpu_check.sh) -----------------------------------------------------------------------------
@@ -241,9 +246,9 @@ def gpu_summary(model, doc, repeat: int) -> dict:
             pages = torch.zeros(2, chunk.raw_length // (2 * m.token_row_bytes) // 16 + 1, 16, m.num_kv_heads,
                                 m.head_dim, dtype=m.dtype, device="cuda")
             slots = torch.arange(chunk.stop - chunk.start, device="cuda")
-            kernels.decode_paged(stored, pages[0], pages[1], slots)
+            kernels.decode_paged(stored, pages[0], pages[1], slots, repeats=True)
             torch.cuda.synchronize()
-            secs = best_seconds(lambda: (kernels.decode_paged(stored, pages[0], pages[1], slots),
+            secs = best_seconds(lambda: (kernels.decode_paged(stored, pages[0], pages[1], slots, repeats=True),
                                          torch.cuda.synchronize()), repeat)
             summary["Triton decode GB/s (output, one chunk incl. host prep)"] = round(chunk.raw_length / secs / 1e9, 2)
             kv_bytes = sum(c.raw_length for c in r.chunks)
@@ -294,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--story-tokens", type=int, default=400, help="tokens of stories260K's story (max 512)")
     parser.add_argument("--doc-tokens", type=int, default=512, help="random tokens for the random-weight models")
     parser.add_argument("--layers", type=int, default=4, help="layers of the random-weight models")
-    parser.add_argument("--repeat", type=int, default=5, help="runs per timing (best for codec, median for publish)")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="runs per timing (best of N for the codec, median of 3N for publish)")
     parser.add_argument("--results", type=Path, default=None, help="write the tables into this RESULTS.md")
     parser.add_argument("--json", type=Path, default=None, help="save the rows (and, on a GPU, the GPU summary)")
     args = parser.parse_args(argv)
@@ -319,12 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     cmd = " ".join(["python bench/bench_codec.py", *(argv if argv is not None else sys.argv[1:])])
     cmd = re.sub(r"\s*--(results|json)\s+\S+", "", cmd)
     body = (f"{head} `{cmd}`. KV in bfloat16 from a prefill on the CPU; ratios are raw bytes / compressed bytes "
-            f"(higher is better); expcode-v1 as stored in files ({CHUNK_TOKENS}-token chunks, code tables and "
-            "segment directory included); bounds: exponent byte entropy-coded, sign/mantissa byte raw.\n\n"
-            + table(ratios, {"MB": ".2f"}) + "\n\nC++ codec speed (MB/s of raw KV, best of "
+            f"(higher is better); expcode-v1 and -v2 (= `lossless`) as stored in files ({CHUNK_TOKENS}-token chunks, "
+            "code tables, repeat lists and segment directory included); bounds: exponent byte entropy-coded, "
+            "sign/mantissa byte raw.\n\n"
+            + table(ratios, {"MB": ".2f"}) + "\n\nC++ expcode-v2 speed (MB/s of raw KV, best of "
             f"{args.repeat}; `threads` per chunk):\n\n"
             + table(speeds, {"threads": "d", "encode MB/s": ".0f", "decode MB/s": ".0f"})
-            + f"\n\n`kvfast.publish` (prefill + write, median of {args.repeat}), lossless vs raw:\n\n"
+            + f"\n\n`kvfast.publish` (prefill + write, median of {3 * args.repeat}, alternating), lossless vs raw:\n\n"
             + table(publishes, {"raw s": ".3f", "lossless s": ".3f"}))
     if gpu is not None:
         body += "\n\nGPU:\n\n| | |\n|---|---:|\n" + "\n".join(f"| {k} | {v} |" for k, v in gpu.items())

@@ -142,7 +142,7 @@ void check_layer(const PyLoadJob& self, int64_t layer) {
 }
 
 // ==========================================================================================================
-// expcode-v1 glue (csrc/expcode.h): shapes and buffer sizes checked here, the codec assumes them
+// expcode glue (csrc/expcode.h): shapes and buffer sizes checked here, the codec assumes them
 // ==========================================================================================================
 [[noreturn]] void codec_error(const std::string& msg) { throw py::value_error("kvfast._C.expcode: " + msg); }
 
@@ -166,7 +166,7 @@ std::pair<uint8_t*, size_t> contiguous(const py::buffer& obj, bool writable, con
 }
 
 py::bytes py_expcode_encode(py::buffer k, py::buffer v, int64_t tokens, int64_t heads, int64_t head_dim,
-                            int itemsize, int64_t seg_tokens, int threads) {
+                            int itemsize, int64_t seg_tokens, int threads, bool repeats) {
   const auto shape = codec_shape(tokens, heads, head_dim, itemsize);
   auto [kp, kn] = contiguous(k, false, "k");
   auto [vp, vn] = contiguous(v, false, "v");
@@ -178,13 +178,13 @@ py::bytes py_expcode_encode(py::buffer k, py::buffer v, int64_t tokens, int64_t 
   std::vector<uint8_t> out;
   {
     py::gil_scoped_release release;
-    out = kvfast::expcode::encode(kp, vp, shape, seg_tokens, threads);
+    out = kvfast::expcode::encode(kp, vp, shape, seg_tokens, repeats, threads);
   }
   return py::bytes(reinterpret_cast<const char*>(out.data()), out.size());
 }
 
 void py_expcode_decode(py::buffer src, py::buffer out, int64_t tokens, int64_t heads, int64_t head_dim,
-                       int itemsize, int threads) {
+                       int itemsize, int threads, bool repeats) {
   const auto shape = codec_shape(tokens, heads, head_dim, itemsize);
   auto [sp, sn] = contiguous(src, false, "src");
   auto [op, on] = contiguous(out, true, "out");
@@ -194,7 +194,7 @@ void py_expcode_decode(py::buffer src, py::buffer out, int64_t tokens, int64_t h
   std::string problem;
   {
     py::gil_scoped_release release;
-    problem = kvfast::expcode::decode(sp, sn, op, shape, threads);
+    problem = kvfast::expcode::decode(sp, sn, op, shape, repeats, threads);
   }
   if (!problem.empty()) throw py::value_error(problem);
 }
@@ -208,11 +208,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("crc32c_impl", &kvfast::crc32c_impl,
         "Which CRC-32C implementation runs: 'avx512-vpclmulqdq', 'sse4.2' or 'software'.");
   m.def("expcode_encode", &py_expcode_encode, py::arg("k"), py::arg("v"), py::arg("tokens"), py::arg("heads"),
-        py::arg("head_dim"), py::arg("itemsize"), py::arg("seg_tokens"), py::arg("threads") = 1,
-        "expcode-v1: encode one chunk (K, V [tokens, heads, head_dim] raw bytes). Releases the GIL.");
+        py::arg("head_dim"), py::arg("itemsize"), py::arg("seg_tokens"), py::arg("threads") = 1, py::kw_only(),
+        py::arg("repeats"),
+        "expcode: encode one chunk (K, V [tokens, heads, head_dim] raw bytes); repeats: v2 (True) or v1. Releases "
+        "the GIL.");
   m.def("expcode_decode", &py_expcode_decode, py::arg("src"), py::arg("out"), py::arg("tokens"), py::arg("heads"),
-        py::arg("head_dim"), py::arg("itemsize"), py::arg("threads") = 1,
-        "expcode-v1: decode one chunk into out (K then V); ValueError naming the field on bad input. Releases the GIL.");
+        py::arg("head_dim"), py::arg("itemsize"), py::arg("threads") = 1, py::kw_only(), py::arg("repeats"),
+        "expcode: decode one chunk into out (K then V); repeats: v2 (True) or v1; ValueError naming the field on bad "
+        "input. Releases the GIL.");
 
   py::class_<PyLoadJob>(m, "LoadJob", "A load of .kvf chunks into host paged K/V pages, running on its own threads.")
       .def(py::init(&make_job), py::arg("fd"), py::arg("chunks"), py::arg("dests"), py::arg("block_table"),

@@ -1,9 +1,10 @@
-"""Triton decoder of expcode-v1 chunks (docs/FORMAT.md §7.1) that writes straight into paged K/V caches.
+"""Triton decoder of expcode chunks (docs/FORMAT.md §7.1, §7.2) that writes straight into paged K/V caches.
 
 One program decodes ``BLOCK`` segments side by side, one per lane: each lane walks its own bit stream (a
 12-bit peek, one table lookup per symbol), merges each symbol with its raw bytes and stores the float at the
-address the slot mapping gives its token. Segments are independent and their output addresses are known in
-advance, so every segment of a chunk decodes at once.
+address the slot mapping gives its row's token. Segments are independent and their output addresses are known
+in advance, so every segment of a chunk decodes at once. An expcode-v2 chunk's repeated rows are then copied
+from their sources, page to page, by one indexed copy per half.
 
 The host (:func:`decode_paged`) checks the header, segment directory and code tables with the numpy reference
 (:mod:`kvfast.codec.expcode`) before launch, so the kernel trusts the sizes; each lane still reads only inside
@@ -29,24 +30,25 @@ def _decode_kernel(
     data_ptr,  # [length] uint8: the chunk's stored bytes
     lut_ptr,  # [2H, 4096] int32: symbol | code length << 8 for each 12-bit peek (length 0: no code)
     seg_start_ptr, seg_bytes_ptr,  # [num_segments] int64: byte offset in data, byte length
+    seg_plane_ptr, seg_row_ptr, seg_count_ptr,  # [num_segments] int64: plane, first kept row, symbols
     status_ptr,  # [num_segments] int64 out: bits consumed, or -1 (no code, stream not exactly consumed)
     k_ptr, v_ptr,  # [num_blocks, block_size, H, HEAD_DIM] words (int16 / int32), token-major strided views
+    kept_ptr,  # [kept K rows + kept V rows] int64: the token of each kept row
     slot_ptr,  # [num_tokens] int64: block_idx * block_size + block_offset, or -1 (not stored)
-    num_segments, num_heads, num_tokens, seg_tokens, segs_per_plane, raw_offset, block_size,
+    num_segments, num_heads, kept_k, raw_offset, block_size,
     k_block_stride, k_token_stride, k_head_stride, v_block_stride, v_token_stride, v_head_stride,
     HEAD_DIM: tl.constexpr, ITEMSIZE: tl.constexpr, MAX_SYMBOLS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     seg = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = seg < num_segments
     seg = tl.where(live, seg, 0)
-    plane = seg // segs_per_plane
+    plane = tl.load(seg_plane_ptr + seg, mask=live, other=0)
     kv = plane // num_heads
     head = plane % num_heads
-    tok0 = (seg % segs_per_plane) * seg_tokens
-    count = tl.where(live, tl.minimum(num_tokens - tok0, seg_tokens) * HEAD_DIM, 0)
+    row0 = kv * kept_k + tl.load(seg_row_ptr + seg, mask=live, other=0)  # kept K rows first, then kept V rows
+    count = tl.load(seg_count_ptr + seg, mask=live, other=0)
     start = tl.load(seg_start_ptr + seg, mask=live, other=0)
     nbytes = tl.load(seg_bytes_ptr + seg, mask=live, other=0)
-    elements = num_tokens * num_heads * HEAD_DIM  # of K (or V)
 
     pos = tl.zeros([BLOCK], dtype=tl.int64)  # bit position in the segment
     bad = tl.zeros([BLOCK], dtype=tl.int1)
@@ -63,9 +65,9 @@ def _decode_kernel(
         bad = bad | (active & (length == 0))
         pos += tl.where(active, length, 0)
 
-        tok = tok0 + i // HEAD_DIM
+        row = row0 + i // HEAD_DIM
         d = i % HEAD_DIM
-        elem = kv * elements + (tok * num_heads + head) * HEAD_DIM + d
+        elem = (row * num_heads + head) * HEAD_DIM + d
         word = (entry & 0xFF) << (8 * ITEMSIZE - 8)
         for j in tl.static_range(ITEMSIZE - 1):
             raw = tl.load(data_ptr + raw_offset + elem * (ITEMSIZE - 1) + j, mask=active, other=0)
@@ -76,6 +78,7 @@ def _decode_kernel(
         else:
             value = bits.to(tl.int32, bitcast=False)
 
+        tok = tl.load(kept_ptr + row, mask=active, other=0)
         slot = tl.load(slot_ptr + tok, mask=active, other=-1)
         store = active & (slot >= 0)
         slot = tl.maximum(slot, 0)  # masked-off lanes still compute an address inside the cache
@@ -93,8 +96,8 @@ def _decode_kernel(
 
 
 def decode_paged(stored: np.ndarray, k_pages: torch.Tensor, v_pages: torch.Tensor, slot_mapping: torch.Tensor, *,
-                 where: str = "chunk") -> None:
-    """Decode one expcode-v1 chunk into paged caches.
+                 repeats: bool, where: str = "chunk") -> None:
+    """Decode one expcode chunk (``repeats``: expcode-v2, else v1) into paged caches.
 
     Parameters
     ----------
@@ -105,14 +108,16 @@ def decode_paged(stored: np.ndarray, k_pages: torch.Tensor, v_pages: torch.Tenso
         K and V pages (an HND cache as ``permute(0, 2, 1, 3)``), innermost axis contiguous; written in place.
     slot_mapping : torch.Tensor
         ``[t]`` int64 on the pages' device, the chunk's tokens: ``block_idx * block_size + block_offset``, or
-        ``-1`` for a token not to store (past a loaded prefix).
+        ``-1`` for a token not to store (past a loaded prefix: the ``-1`` entries are a suffix).
+    repeats : bool
+        The chunk lists repeated rows (``expcode-v2``, §7.2) or not (``expcode-v1``): the manifest's codec says.
 
     Raises :class:`CodecError` naming ``where`` when the bytes are inconsistent (before launch for sizes and
     tables, after it for bit streams: the pages of the chunk's tokens then hold garbage and must be discarded).
 
     Example
     -------
-    >>> decode_paged(reader.read_stored(chunk), k_cache, v_cache, slots)  # doctest: +SKIP
+    >>> decode_paged(reader.read_stored(chunk), k_cache, v_cache, slots, repeats=True)  # doctest: +SKIP
     """
     num_blocks, block_size, heads, head_dim = k_pages.shape
     itemsize = k_pages.element_size()
@@ -120,29 +125,37 @@ def decode_paged(stored: np.ndarray, k_pages: torch.Tensor, v_pages: torch.Tenso
     if k_pages.stride(3) != 1 or v_pages.stride(3) != 1 or v_pages.shape != k_pages.shape:
         raise ValueError("k_pages and v_pages must be [num_blocks, block_size, H, head_dim] with a contiguous "
                          "last axis")
-    lay = expcode.parse_layout(stored, t, heads, head_dim, itemsize, where)
+    lay = expcode.parse_layout(stored, t, heads, head_dim, itemsize, where, repeats)
     luts = np.empty((lay.num_planes, 1 << expcode.MAX_CODE_BITS), dtype=np.int32)
     for p in range(lay.num_planes):
         symbol, length = expcode.decode_table(expcode.unpack_table(stored, int(lay.table_offsets[p])),
                                               f"{where} table {p}")
         luts[p] = symbol.astype(np.int32) | (length.astype(np.int32) << 8)
+    segs = np.array([(p, row0, rows * head_dim) for _, p, _, _, row0, rows in lay.segments()], dtype=np.int64)
     device = k_pages.device
-    num_segments = lay.num_planes * lay.segs_per_plane
-    starts = torch.from_numpy(lay.seg_offsets[:-1].copy()).to(device)
-    lengths = torch.from_numpy(np.diff(lay.seg_offsets)).to(device)
-    status = torch.empty(num_segments, dtype=torch.int64, device=device)
+
+    def dev(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    status = torch.empty(lay.num_segments, dtype=torch.int64, device=device)
     words = {2: torch.int16, 4: torch.int32}[itemsize]
     k_words, v_words = k_pages.view(words), v_pages.view(words)
-    _decode_kernel[(triton.cdiv(num_segments, _BLOCK),)](
-        torch.from_numpy(np.require(stored, requirements="W")).to(device), torch.from_numpy(luts).to(device),
-        starts, lengths, status,
-        k_words, v_words, slot_mapping,
-        num_segments, heads, t, lay.seg_tokens, lay.segs_per_plane, lay.raw, block_size,
+    _decode_kernel[(triton.cdiv(lay.num_segments, _BLOCK),)](
+        dev(np.require(stored, requirements="W")), dev(luts),
+        dev(lay.seg_offsets[:-1]), dev(np.diff(lay.seg_offsets)), dev(segs[:, 0]), dev(segs[:, 1]), dev(segs[:, 2]),
+        status, k_words, v_words, dev(np.concatenate(lay.kept)), slot_mapping,
+        lay.num_segments, heads, len(lay.kept[0]), lay.raw, block_size,
         k_words.stride(0), k_words.stride(1), k_words.stride(2), v_words.stride(0), v_words.stride(1),
         v_words.stride(2),
-        HEAD_DIM=head_dim, ITEMSIZE=itemsize, MAX_SYMBOLS=lay.seg_tokens * head_dim, BLOCK=_BLOCK,
+        HEAD_DIM=head_dim, ITEMSIZE=itemsize, MAX_SYMBOLS=int(segs[:, 2].max()), BLOCK=_BLOCK,
     )
     failed = torch.nonzero(status < 0)
     if failed.numel():
         s = int(failed[0])
         raise CodecError(f"{where} segment {s}: the bit stream holds no valid code sequence of its length")
+    for pages, rep in zip((k_pages, v_pages), lay.repeats):
+        if len(rep):  # sources are kept rows, written above; a stored row's source is stored (-1: a suffix)
+            rows, sources = slot_mapping[dev(rep[:, 0])], slot_mapping[dev(rep[:, 1])]
+            sources = sources[rows >= 0]
+            rows = rows[rows >= 0]
+            pages[rows // block_size, rows % block_size] = pages[sources // block_size, sources % block_size]

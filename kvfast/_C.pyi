@@ -12,18 +12,18 @@ def crc32c_impl() -> str:
     """Which CRC-32C implementation runs: ``"avx512-vpclmulqdq"``, ``"sse4.2"`` or ``"software"``."""
 
 def expcode_encode(k: Buffer, v: Buffer, tokens: int, heads: int, head_dim: int, itemsize: int, seg_tokens: int,
-                   threads: int = 1) -> bytes:
-    """expcode-v1 (docs/FORMAT.md §7.1): the coded bytes of one chunk whose K and V are C-contiguous
-    ``[tokens, heads, head_dim]`` floats of ``itemsize`` (2 or 4) bytes, in segments of ``seg_tokens`` tokens
-    (``[1, tokens]``). Planes are encoded on up to ``threads`` threads, GIL released; the bytes equal
-    :func:`kvfast.codec.expcode.encode`'s. ``ValueError`` for inconsistent sizes."""
+                   threads: int = 1, *, repeats: bool) -> bytes:
+    """expcode (docs/FORMAT.md §7.1; ``repeats``: v2, §7.2, else v1): the coded bytes of one chunk whose K and V
+    are C-contiguous ``[tokens, heads, head_dim]`` floats of ``itemsize`` (2 or 4) bytes, in segments of
+    ``seg_tokens`` tokens (``[1, tokens]``). Planes are encoded on up to ``threads`` threads, GIL released; the
+    bytes equal :func:`kvfast.codec.expcode.encode`'s. ``ValueError`` for inconsistent sizes."""
 
 def expcode_decode(src: Buffer, out: Buffer, tokens: int, heads: int, head_dim: int, itemsize: int,
-                   threads: int = 1) -> None:
-    """Decode one expcode-v1 chunk ``src`` into ``out`` (writable, C-contiguous, ``2 * tokens * heads * head_dim
-    * itemsize`` bytes: K then V, NHD) on up to ``threads`` threads, GIL released. Every size, table and stream is
-    checked (§7.1); ``ValueError`` naming the field when one is inconsistent (``out`` may then be partly written).
-    """
+                   threads: int = 1, *, repeats: bool) -> None:
+    """Decode one expcode chunk (``repeats``: v2, else v1) ``src`` into ``out`` (writable, C-contiguous,
+    ``2 * tokens * heads * head_dim * itemsize`` bytes: K then V, NHD) on up to ``threads`` threads, GIL released.
+    Every size, table and stream is checked (§7.1, §7.2); ``ValueError`` naming the field when one is inconsistent
+    (``out`` may then be partly written)."""
 
 class LoadJob:
     """A load of .kvf chunks into host paged K/V pages, running on its own threads (csrc/paged_loader.h).

@@ -608,9 +608,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--chunk-tokens", type=int, default=256, help="tokens per stored chunk (default 256)")
     sp.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                     help="tokens per prefill forward (bounds activation memory)")
-    sp.add_argument("--codec", default="raw", choices=["raw", "lossless", "expcode-v1"],
-                    help="how chunks are stored: raw (default) or lossless (= expcode-v1: exponents entropy-coded, "
-                         "about 1.4-1.5x smaller for bf16 KV, loads bit-exactly)")
+    sp.add_argument("--codec", default="raw", choices=["raw", "lossless", "expcode-v2", "expcode-v1"],
+                    help="how chunks are stored: raw (default) or lossless (= expcode-v2: exponents entropy-coded, "
+                         "rows that repeat stored once; about 1.5x smaller for bf16 KV, loads bit-exactly; "
+                         "expcode-v1 for readers older than v2)")
     sp.set_defaults(func=cmd_publish)
 
     sp = sub.add_parser("run", help="load a .kvf document and generate after a prompt",

@@ -191,8 +191,9 @@ def save_kv(
         token_ids: the ``num_tokens`` token ids the KV was computed from.
         fingerprint: the model's fingerprint (:func:`kvfast.fingerprint`); loads are refused for others.
         chunk_tokens: tokens per chunk (one chunk = one layer x one token range).
-        codec: how chunks are stored: ``"raw"`` (default), or ``"lossless"`` / ``"expcode-v1"`` for the
-            lossless exponent codec (§7.1; typically 1.3-1.5x smaller for bf16 KV, decoded bit-exactly).
+        codec: how chunks are stored: ``"raw"`` (default), or ``"lossless"`` (= ``"expcode-v2"``) for the
+            lossless exponent codec (§7.1-7.2; typically 1.5x smaller for bf16 KV, decoded bit-exactly);
+            ``"expcode-v1"`` writes files that kvfast versions without v2 can read.
         model_config: the model's KV-shaping config fields, recorded for people and checks.
         tokenizer: an optional tokenizer fingerprint.
         metadata: free-form string pairs.

@@ -380,7 +380,7 @@ def _copy(reader: KvfReader, cache: PagedKVCache, slots: torch.Tensor, n: int, v
 def _decode_into_cache(reader: KvfReader, cache: PagedKVCache, chunk: ChunkInfo, slots: torch.Tensor,
                        verify: bool) -> None:
     """One coded chunk: stored bytes read and checked on the host, decoded on the cache's device into its pages."""
-    from kvfast.codec import CodecError
+    from kvfast.codec import CodecError, expcode
     from kvfast.kernels import expcode as expcode_kernels
 
     stored = reader.read_stored(chunk, verify=verify)
@@ -389,7 +389,8 @@ def _decode_into_cache(reader: KvfReader, cache: PagedKVCache, chunk: ChunkInfo,
     try:
         expcode_kernels.decode_paged(stored, _token_major(cache.key_cache(chunk.layer), cache.layout),
                                      _token_major(cache.value_cache(chunk.layer), cache.layout),
-                                     slot_mapping.to(cache.device), where=f"chunk {chunk.index} (layer "
+                                     slot_mapping.to(cache.device), repeats=expcode.NAMES[reader.manifest.codec],
+                                     where=f"chunk {chunk.index} (layer "
                                      f"{chunk.layer}, tokens {chunk.start}:{chunk.stop})")
     except CodecError as exc:
         raise CodecError(str(exc), path=reader.path) from None

@@ -1,4 +1,4 @@
-"""expcode-v1 (docs/FORMAT.md §7.1): every encoder x every decoder, bit for bit, and hostile bytes.
+"""expcode-v1 and -v2 (docs/FORMAT.md §7.1, §7.2): every encoder x every decoder, bit for bit, and hostile bytes.
 
 Encoders: the numpy reference and C++ (kvfast._C). Decoders: the numpy reference, C++, and the Triton kernel
 (``TRITON_INTERPRET=1`` without a GPU) writing into paged caches. The encoders must produce the same bytes.
@@ -22,7 +22,8 @@ from kvfast.codec import CodecError, expcode  # noqa: E402
 from kvfast.errors import UnsupportedCodecError  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-CONTENTS = ["kv_like", "specials", "constant", "random_bits"]
+CONTENTS = ["kv_like", "specials", "constant", "random_bits", "repeated_rows"]
+VERSIONS = {"v1": False, "v2": True}  # the codec's version -> whether its chunks list repeated rows
 ENCODERS = ["python", "native"]
 DECODERS = ["python", "native", "triton"]
 WORDS = {2: torch.int16, 4: torch.int32}
@@ -38,6 +39,9 @@ def _tensor(content: str, dtype: torch.dtype, shape=SHAPE, seed: int = 0) -> tor
         return (torch.randn(shape, generator=g) * torch.logspace(-3, 2, shape[-1])).to(dtype)
     if content == "constant":
         return torch.full(shape, -1.25, dtype=dtype)
+    if content == "repeated_rows":  # rows of a few distinct tokens, as layer 0's V over repeated tokens
+        distinct = _tensor("specials", dtype, (4, *shape[1:]), seed)
+        return distinct[torch.randint(0, 4, (shape[0],), generator=g)]
     words = torch.randint(-(1 << 31), 1 << 31, shape, generator=g, dtype=torch.int64)
     bits = words.to(WORDS[dtype.itemsize]) if dtype.itemsize == 4 else (words & 0xFFFF).to(torch.int32).to(torch.int16)
     t = bits.view(dtype)
@@ -61,19 +65,20 @@ def _bits(t: torch.Tensor) -> np.ndarray:
     return t.view(WORDS[t.element_size()]).numpy().view({2: np.uint16, 4: np.uint32}[t.element_size()])
 
 
-def _encode(encoder: str, k: torch.Tensor, v: torch.Tensor, seg_tokens: int = SEG_TOKENS) -> np.ndarray:
+def _encode(encoder: str, k: torch.Tensor, v: torch.Tensor, seg_tokens: int = SEG_TOKENS,
+            repeats: bool = True) -> np.ndarray:
     t, heads, head_dim = k.shape
     item = k.element_size()
     if encoder == "python":
-        coded = expcode.encode(_bits(k), _bits(v), item, seg_tokens)
+        coded = expcode.encode(_bits(k), _bits(v), item, seg_tokens, repeats)
     else:
         if native is None:
             pytest.skip("kvfast._C is not built")
-        coded = native.expcode_encode(_bits(k), _bits(v), t, heads, head_dim, item, seg_tokens, 2)
+        coded = native.expcode_encode(_bits(k), _bits(v), t, heads, head_dim, item, seg_tokens, 2, repeats=repeats)
     return np.frombuffer(coded, dtype=np.uint8)
 
 
-def _decode(decoder: str, coded: np.ndarray, shape, dtype) -> torch.Tensor:
+def _decode(decoder: str, coded: np.ndarray, shape, dtype, repeats: bool = True) -> torch.Tensor:
     """K and V decoded by ``decoder``, as one ``[2, t, H, D]`` tensor."""
     t, heads, head_dim = shape
     item = dtype.itemsize
@@ -84,15 +89,15 @@ def _decode(decoder: str, coded: np.ndarray, shape, dtype) -> torch.Tensor:
         block_size, num_blocks = 4, -(-t // 4) + 2
         pages = torch.zeros(2, num_blocks, block_size, heads, head_dim, dtype=dtype)
         slots = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(1))[:t]
-        kernels.decode_paged(coded, pages[0], pages[1], slots)
+        kernels.decode_paged(coded, pages[0], pages[1], slots, repeats=repeats)
         return pages.reshape(2, -1, heads, head_dim)[:, slots]
     out = np.zeros(2 * t * heads * head_dim * item, dtype=np.uint8)
     if decoder == "native" and native is None:
         pytest.skip("kvfast._C is not built")
     if decoder == "native":
-        native.expcode_decode(coded, out, t, heads, head_dim, item, 2)
+        native.expcode_decode(coded, out, t, heads, head_dim, item, 2, repeats=repeats)
     else:
-        expcode.decode(coded, out, t, heads, head_dim, item)
+        expcode.decode(coded, out, t, heads, head_dim, item, repeats=repeats)
     return torch.from_numpy(out).view(dtype).reshape(2, t, heads, head_dim)
 
 
@@ -105,9 +110,11 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("content", CONTENTS)
 @pytest.mark.parametrize("encoder", ENCODERS)
 @pytest.mark.parametrize("decoder", DECODERS)
-def test_every_encoder_decodes_bit_exactly_with_every_decoder(dtype, content, encoder, decoder):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_encoder_decodes_bit_exactly_with_every_decoder(dtype, content, encoder, decoder, version):
     k, v = _tensor(content, dtype, seed=1), _tensor(content, dtype, seed=2)
-    decoded = _decode(decoder, _encode(encoder, k, v), SHAPE, dtype)
+    coded = _encode(encoder, k, v, repeats=VERSIONS[version])
+    decoded = _decode(decoder, coded, SHAPE, dtype, VERSIONS[version])
     assert _same_bits(decoded[0], k) and _same_bits(decoded[1], v)
 
 
@@ -115,9 +122,24 @@ def test_every_encoder_decodes_bit_exactly_with_every_decoder(dtype, content, en
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("content", CONTENTS)
 @pytest.mark.parametrize("seg_tokens", [1, 5, 13])
-def test_encoders_write_the_same_bytes(dtype, content, seg_tokens):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_encoders_write_the_same_bytes(dtype, content, seg_tokens, version):
     k, v = _tensor(content, dtype, seed=3), _tensor(content, dtype, seed=4)
-    assert np.array_equal(_encode("python", k, v, seg_tokens), _encode("native", k, v, seg_tokens))
+    repeats = VERSIONS[version]
+    assert np.array_equal(_encode("python", k, v, seg_tokens, repeats), _encode("native", k, v, seg_tokens, repeats))
+
+
+def test_v2_lists_each_repeated_row_with_its_first_occurrence():
+    """Repeats are found per half and bit for bit: -0.0 is not 0.0, and a repeat points at the first equal row."""
+    k = torch.zeros(6, 2, 4, dtype=torch.bfloat16)
+    k[1, 0, 0] = -0.0  # differs from row 0 in the sign bit only: not a repeat
+    k[3] = k[1]
+    k[5] = k[1]
+    v = torch.arange(48, dtype=torch.bfloat16).reshape(6, 2, 4)  # no repeats
+    lay = expcode.parse_layout(_encode("python", k, v, seg_tokens=2), 6, 2, 4, 2, "test")
+    assert lay.repeats[0].tolist() == [[2, 0], [3, 1], [4, 0], [5, 1]] and len(lay.repeats[1]) == 0
+    assert lay.kept[0].tolist() == [0, 1] and lay.kept[1].tolist() == list(range(6))
+    assert lay.num_segments == 2 * 1 + 2 * 3  # K planes: 2 kept rows in one segment; V planes: 6 rows in three
 
 
 def test_specials_keep_their_bits():
@@ -130,18 +152,20 @@ def test_specials_keep_their_bits():
 
 
 @pytest.mark.parametrize("backend", ENCODERS)
-def test_chunks_that_do_not_shrink_are_stored_verbatim(backend):
+@pytest.mark.parametrize("codec", ["expcode-v1", "expcode-v2"])
+def test_chunks_that_do_not_shrink_are_stored_verbatim(backend, codec):
     if backend == "native" and native is None:
         pytest.skip("kvfast._C is not built")
     k, v = (_bits(_tensor("random_bits", torch.bfloat16, seed=s)).view(np.uint8).reshape(13, 3, 40) for s in (5, 6))
-    stored = codecs.encode_chunk("expcode-v1", k, v, 2, backend=backend)
+    stored = codecs.encode_chunk(codec, k, v, 2, backend=backend)
     assert stored == k.tobytes() + v.tobytes()
     kv = _bits(_tensor("kv_like", torch.bfloat16, (64, 2, 64), seed=7)).view(np.uint8).reshape(64, 2, 128)
-    assert len(codecs.encode_chunk("expcode-v1", kv, kv, 2, backend=backend)) < 2 * kv.nbytes
+    assert len(codecs.encode_chunk(codec, kv, kv, 2, backend=backend)) < 2 * kv.nbytes
 
 
 def test_registry_resolves_aliases_and_refuses_unknown_codecs():
-    assert codecs.resolve("lossless") == "expcode-v1" and codecs.resolve("raw") == "raw"
+    assert codecs.resolve("lossless") == "expcode-v2" and codecs.resolve("raw") == "raw"
+    assert codecs.resolve("expcode-v1") == "expcode-v1"  # files written before v2 still load
     with pytest.raises(UnsupportedCodecError, match="zstd"):
         codecs.resolve("zstd")
 
@@ -169,24 +193,42 @@ def test_length_limited_codes_agree_across_encoders():
     syms = np.repeat(np.nonzero(_fibonacci_counts(30))[0], 3).astype(np.uint16) << 7  # exponent = symbol
     plane = np.resize(syms, 64 * 2 * 8).reshape(64, 2, 8)
     assert np.array_equal(np.frombuffer(expcode.encode(plane, plane, 2, 16), np.uint8),
-                          np.frombuffer(native.expcode_encode(plane, plane, 64, 2, 8, 2, 16, 1), np.uint8))
+                          np.frombuffer(native.expcode_encode(plane, plane, 64, 2, 8, 2, 16, 1, repeats=True), np.uint8))
 
 
 # -- hostile bytes ---------------------------------------------------------------------------------------
 def _coded() -> tuple[np.ndarray, tuple[int, int, int]]:
+    """An expcode-v2 chunk with repeated K rows and V rows, and its shape."""
     k, v = _tensor("kv_like", torch.bfloat16, seed=8), _tensor("kv_like", torch.bfloat16, seed=9)
+    k[[5, 9]], v[[7, 12]] = k[2].clone(), v[0].clone()
     return _encode("python", k, v), SHAPE
+
+
+def _u32(x: int) -> np.ndarray:
+    return np.frombuffer(np.uint32(x).tobytes(), np.uint8)
 
 
 def _tamper(kind: str) -> np.ndarray:
     coded, (t, heads, head_dim) = _coded()
     data = coded.copy()
     lay = expcode.parse_layout(coded, t, heads, head_dim, 2, "clean")
-    directory, streams, table = lay.directory, lay.streams, expcode.HEADER_BYTES
+    assert [r.tolist() for r in lay.repeats] == [[[5, 2], [9, 2]], [[7, 0], [12, 0]]]
+    directory, streams, table = lay.directory, lay.streams, int(lay.table_offsets[0])
+    pairs = expcode.HEADER_BYTES + expcode.REPEATS_HEAD_BYTES  # K's (row, source) pairs, then V's
     if kind == "short_header":
         return data[:3]
     if kind == "seg_tokens":
-        data[:4] = np.frombuffer(np.uint32(0).tobytes(), np.uint8)
+        data[:4] = _u32(0)
+    elif kind == "repeat_count":
+        data[4:8] = _u32(t)  # a half has at most t - 1 repeats
+    elif kind == "repeat_pairs":
+        return data[: pairs + 8]  # the header promises four pairs; one follows
+    elif kind == "repeat_source_after":
+        data[pairs + 4 : pairs + 8] = _u32(5)  # row 5's source is itself
+    elif kind == "repeat_source_repeated":
+        data[pairs + 12 : pairs + 16] = _u32(5)  # row 9's source is row 5, itself a repeat
+    elif kind == "repeat_order":
+        data[pairs + 8 : pairs + 12] = _u32(4)  # rows 5 then 4
     elif kind == "truncated":
         return data[:-1]
     elif kind == "directory":
@@ -204,6 +246,9 @@ def _tamper(kind: str) -> np.ndarray:
 
 
 TAMPERING = {"short_header": "header", "seg_tokens": "seg_tokens", "truncated": "segment lengths",
+             "repeat_count": "at most 12 per half", "repeat_pairs": "cannot hold the .* repeated-row pairs",
+             "repeat_source_after": "repeated K rows are not", "repeat_source_repeated": "not itself repeated",
+             "repeat_order": "not increasing",
              "table_span": "not a table",
              "directory": "segment lengths", "long_code": "12", "kraft": "over-subscribed",
              "padding": "segment 0|padding|bits"}
@@ -235,7 +280,7 @@ def test_corrupted_chunks_fail_or_decode_alike_never_crash(flips, cut):
     for backend in ("python", "native"):
         out = np.zeros(2 * t * heads * head_dim * 2, dtype=np.uint8)
         try:
-            codecs.decode_chunk("expcode-v1", data, out, t, heads, head_dim, 2, backend=backend)
+            codecs.decode_chunk("expcode-v2", data, out, t, heads, head_dim, 2, backend=backend)
             results.append(out.tobytes())
         except CodecError:
             results.append(None)

@@ -1,5 +1,6 @@
-""".kvf files with codec="lossless" (expcode-v1, docs/FORMAT.md §7.1): written, read, loaded into paged caches
-bit for bit like raw files, on every decoder; damage refused by checksum or by the decoder, naming file and chunk."""
+""".kvf files with codec="lossless" (expcode-v2, docs/FORMAT.md §7.2) and "expcode-v1" (§7.1): written, read,
+loaded into paged caches bit for bit like raw files, on every decoder; damage refused by checksum or by the
+decoder, naming file and chunk."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # the Triton decoder runs in the interpreter (tests/test_kernels.py)
 
 import kvfast  # noqa: E402
+from kvfast import codec as codecs  # noqa: E402
 from kvfast import loader  # noqa: E402
 from kvfast._backend import native  # noqa: E402
 from kvfast.codec import CodecError  # noqa: E402
@@ -26,6 +28,7 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 LAYOUTS = ["NHD", "HND"]
 BLOCK_SIZES = [1, 16, 48]
 BACKENDS = ["auto", "python"]
+CODECS = ["lossless", "expcode-v1"]  # the alias writes expcode-v2; files written with v1 keep loading
 LAYERS, HEADS, HEAD_DIM, TOKENS, CHUNK = 2, 2, 32, 150, 64  # 150: a short last chunk of 22 tokens
 FP = "sha256:" + "cd" * 32
 
@@ -37,6 +40,7 @@ def kv_like(dtype, seed=0, tokens=TOKENS):
     keys = [(torch.randn(tokens, HEADS, HEAD_DIM, generator=g) * scale).to(dtype) for _ in range(LAYERS)]
     values = [torch.randn(tokens, HEADS, HEAD_DIM, generator=g).to(dtype) for _ in range(LAYERS)]
     keys[0][3, 0, :4] = torch.tensor([-0.0, float("inf"), float("nan"), float("-inf")])
+    values[0][::3] = values[0][1].clone()  # layer 0's V repeats with its tokens: expcode-v2 stores references
     return keys, values
 
 
@@ -64,10 +68,11 @@ def new_cache(dtype, layout="NHD", block_size=16):
 
 # -- writing and reading -------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_coded_file_is_smaller_names_its_codec_and_reads_back_bit_exactly(dtype, tmp_path):
+@pytest.mark.parametrize("codec", CODECS)
+def test_coded_file_is_smaller_names_its_codec_and_reads_back_bit_exactly(dtype, codec, tmp_path):
     raw, keys, values = save(tmp_path / "raw.kvf", dtype, "raw")
-    coded, *_ = save(tmp_path / "coded.kvf", dtype, "lossless")
-    assert json.loads(manifest_bytes(coded.read_bytes()))["codec"] == "expcode-v1"  # the versioned name
+    coded, *_ = save(tmp_path / "coded.kvf", dtype, codec)
+    assert json.loads(manifest_bytes(coded.read_bytes()))["codec"] == codecs.resolve(codec)  # the versioned name
     with kvfast.open(coded) as r:
         assert all(c.length < c.raw_length for c in r.chunks)  # every chunk really is coded
         for layer in range(LAYERS):
@@ -100,9 +105,10 @@ def test_reader_refuses_the_alias_and_a_stored_length_above_raw(tmp_path):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
-def test_coded_file_loads_bitwise_like_the_raw_one(dtype, layout, block_size, tmp_path):
+@pytest.mark.parametrize("codec", CODECS)
+def test_coded_file_loads_bitwise_like_the_raw_one(dtype, layout, block_size, codec, tmp_path):
     raw, keys, values = save(tmp_path / "raw.kvf", dtype, "raw", seed=1)
-    coded, *_ = save(tmp_path / "coded.kvf", dtype, "lossless", seed=1)
+    coded, *_ = save(tmp_path / "coded.kvf", dtype, codec, seed=1)
     from_raw, from_coded = new_cache(dtype, layout, block_size), new_cache(dtype, layout, block_size)
     seq_raw = kvfast.load(raw, from_raw, fingerprint=FP)
     handle = kvfast.load_async(coded, from_coded, fingerprint=FP)
@@ -128,12 +134,14 @@ def test_prefix_loads_decode_only_what_they_need(backend, num_tokens, tmp_path):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_triton_decoder_fills_the_cache_like_the_host_path(layout, tmp_path):
+@pytest.mark.parametrize("codec", CODECS)
+def test_triton_decoder_fills_the_cache_like_the_host_path(layout, codec, tmp_path):
     """The device path of the loader (Triton decode straight into the pages), here on CPU tensors: a prefix of
-    40 tokens ends inside the third 16-token chunk. Short chunks keep the interpreter's serial loop short."""
+    40 tokens ends inside the third 16-token chunk (v2: with repeated V rows on both sides of the cut). Short
+    chunks keep the interpreter's serial loop short."""
     pytest.importorskip("triton")
     num_tokens = 40
-    path, keys, values = save(tmp_path / "doc.kvf", torch.bfloat16, "lossless", seed=3, chunk_tokens=16)
+    path, keys, values = save(tmp_path / "doc.kvf", torch.bfloat16, codec, seed=3, chunk_tokens=16)
     cache = new_cache(torch.bfloat16, layout, block_size=16)
     seq = cache.new_sequence()
     slots = cache.append_slots(seq, num_tokens)
@@ -172,7 +180,7 @@ def test_publish_with_codec_loads_bitwise_like_raw(tmp_path):
     raw = kvfast.publish(model, doc, tmp_path / "raw.kvf", chunk_tokens=64)
     coded = kvfast.publish(model, doc, tmp_path / "coded.kvf", chunk_tokens=64, codec="lossless")
     with kvfast.open(raw) as a, kvfast.open(coded) as b:
-        assert b.manifest.codec == "expcode-v1" and all(c.length < c.raw_length for c in b.chunks)
+        assert b.manifest.codec == "expcode-v2" and all(c.length < c.raw_length for c in b.chunks)
         for layer in range(a.manifest.num_layers):
             assert all(torch.equal(bits(x), bits(y)) for x, y in zip(a.read_layer(layer), b.read_layer(layer)))
 
@@ -185,7 +193,7 @@ def test_cli_publish_codec_lossless(tmp_path):
     out = kvfast_cli("publish", model_dir, "--token-ids", tmp_path / "doc.txt", "-o", tmp_path / "doc.kvf",
                      "--codec", "lossless").stdout
     assert "wrote" in out
-    assert json.loads(kvfast_cli("inspect", tmp_path / "doc.kvf", "--json").stdout)["codec"] == "expcode-v1"
+    assert json.loads(kvfast_cli("inspect", tmp_path / "doc.kvf", "--json").stdout)["codec"] == "expcode-v2"
     report = json.loads(kvfast_cli("verify", model_dir, tmp_path / "doc.kvf", "--prompt-ids", tmp_path / "q.txt",
                                    "--json").stdout)
     assert report["ok"] and report["kv_bitwise_equal"]

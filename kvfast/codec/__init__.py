@@ -1,9 +1,12 @@
 """Chunk codecs: how a chunk's bytes are stored (docs/FORMAT.md §7). The registry and the one dispatch point.
 
 - ``"raw"``: the decoded bytes themselves.
-- ``"expcode-v1"`` (alias ``"lossless"``): exponents Huffman-coded, sign and mantissa stored raw
-  (:mod:`kvfast.codec.expcode`, §7.1). A chunk that would not get smaller is stored verbatim, which the
-  reader recognises by ``length == raw_length``.
+- ``"expcode-v1"``: exponents Huffman-coded, sign and mantissa stored raw (:mod:`kvfast.codec.expcode`, §7.1).
+- ``"expcode-v2"`` (alias ``"lossless"``): the same, and a K or V row that repeats an earlier row of its chunk is
+  stored as a reference to it (§7.2).
+
+A coded chunk that would not get smaller is stored verbatim, which the reader recognises by
+``length == raw_length``.
 
 Encoders and decoders exist twice: the C++ one in ``kvfast._C`` (multi-threaded, GIL released) and the numpy
 reference; ``backend="auto"`` picks the C++ one when it is built. Both write and read the same bytes. A GPU
@@ -11,7 +14,7 @@ decoder that writes straight into a paged cache is in ``kvfast.kernels.expcode``
 
 Example:
     >>> resolve("lossless")
-    'expcode-v1'
+    'expcode-v2'
 """
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ from kvfast.errors import UnsupportedCodecError
 
 __all__ = ["ALIASES", "CODECS", "CodecError", "decode_chunk", "encode_chunk", "resolve"]
 
-CODECS = ("raw", expcode.NAME)  # the names a manifest may carry, versioned
-ALIASES = {"lossless": expcode.NAME}  # what a user may ask for: the best lossless codec of this kvfast
+CODECS = ("raw", *expcode.NAMES)  # the names a manifest may carry, versioned
+ALIASES = {"lossless": "expcode-v2"}  # what a user may ask for: the best lossless codec of this kvfast
 BACKENDS = ("auto", "native", "python")
 DEFAULT_THREADS = 1  # per chunk; callers that decode several chunks at once parallelise over chunks
 THREAD_MIN_BYTES = 256 << 10  # starting a thread costs about what decoding this much output does
@@ -52,7 +55,7 @@ def _use_native(backend: str) -> bool:
 def encode_chunk(codec: str, k: np.ndarray, v: np.ndarray, itemsize: int, *, backend: str = "auto",
                  threads: int = DEFAULT_THREADS) -> bytes:
     """The stored bytes of one chunk: ``k`` and ``v`` are uint8 ``[t, H, head_dim * itemsize]`` views of its K and
-    V (C-contiguous). For ``expcode-v1`` the coded bytes when they are shorter than K and V, else K and V
+    V (C-contiguous). For an ``expcode`` codec the coded bytes when they are shorter than K and V, else K and V
     verbatim (§7.1)."""
     raw = k.nbytes + v.nbytes
     if codec == "raw":
@@ -60,12 +63,13 @@ def encode_chunk(codec: str, k: np.ndarray, v: np.ndarray, itemsize: int, *, bac
     t, heads, row = k.shape
     head_dim = row // itemsize
     seg_tokens = expcode.default_seg_tokens(head_dim, t)
+    repeats = expcode.NAMES[codec]
     if _use_native(backend):
-        coded = native.expcode_encode(k, v, t, heads, head_dim, itemsize, seg_tokens, threads)
+        coded = native.expcode_encode(k, v, t, heads, head_dim, itemsize, seg_tokens, threads, repeats=repeats)
     else:
         words = {2: "<u2", 4: "<u4"}[itemsize]
         coded = expcode.encode(k.view(words).reshape(t, heads, head_dim), v.view(words).reshape(t, heads, head_dim),
-                               itemsize, seg_tokens)
+                               itemsize, seg_tokens, repeats)
     return coded if len(coded) < raw else k.tobytes() + v.tobytes()
 
 
@@ -82,9 +86,10 @@ def decode_chunk(codec: str, stored: np.ndarray, out: np.ndarray, num_tokens: in
     if _use_native(backend):
         threads = max(1, min(threads, out.nbytes // THREAD_MIN_BYTES))
         try:
-            native.expcode_decode(stored, out, num_tokens, num_heads, head_dim, itemsize, threads)
+            native.expcode_decode(stored, out, num_tokens, num_heads, head_dim, itemsize, threads,
+                                  repeats=expcode.NAMES[codec])
         except ValueError as exc:
             raise CodecError(f"{where}: {exc}") from None
     else:
-        expcode.decode(stored, out, num_tokens, num_heads, head_dim, itemsize, where)
+        expcode.decode(stored, out, num_tokens, num_heads, head_dim, itemsize, where, expcode.NAMES[codec])
     return out

@@ -1,4 +1,4 @@
-"""expcode-v1: the lossless exponent codec, as a clear numpy reference (docs/FORMAT.md §7.1).
+"""expcode: the lossless exponent codec, as a clear numpy reference (docs/FORMAT.md §7.1, §7.2).
 
 Every float is rotated left by one bit, so its top byte is the exponent (bf16, fp32; fp16: the 5 exponent bits
 and the top 3 mantissa bits) and the rest is mantissa and sign:
@@ -13,6 +13,11 @@ that a 4096-entry table decodes them. Each plane is cut into segments of ``seg_t
 byte-aligned bit stream, so that segments decode independently (threads, GPU programs) and each writes to an
 address known in advance.
 
+``expcode-v2`` (§7.2) adds one thing: a token's K (or V) row that repeats an earlier row of the chunk bit for bit is
+not coded but listed as (row, source). Layer 0's V of a RoPE model depends on the token id alone, so every
+repeated token repeats it (69% of stories260K's layer-0 V rows in a 400-token story). ``expcode-v1`` is
+``expcode-v2`` without the list; one code path reads both (``repeats=False`` for v1).
+
 This module is the oracle for the C++ (csrc/expcode.cpp) and Triton (kernels/expcode.py) implementations:
 they produce and accept exactly these bytes.
 """
@@ -24,9 +29,10 @@ import numpy as np
 
 from kvfast.codec.errors import CodecError
 
-NAME = "expcode-v1"
+NAMES = {"expcode-v1": False, "expcode-v2": True}  # codec name -> whether its chunks list repeated rows
 MAX_CODE_BITS = 12  # longest code; the decoder's lookup table has 2**12 entries
 HEADER_BYTES = 4  # u32 seg_tokens
+REPEATS_HEAD_BYTES = 8  # v2: u32 repeated K rows, u32 repeated V rows; then a (u32 row, u32 source) pair each
 TABLE_HEAD_BYTES = 2  # a code table: u8 first symbol, u8 last symbol, then 4-bit code lengths of first..last
 SEGMENT_ELEMENTS = 4096  # target symbols per segment (see default_seg_tokens)
 
@@ -176,10 +182,12 @@ def unpack_table(data: np.ndarray, offset: int) -> np.ndarray:
 # -- the chunk layout ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Layout:
-    """Where everything is in one encoded chunk of ``t`` tokens (§7.1); every offset checked against ``length``.
+    """Where everything is in one encoded chunk of ``t`` tokens (§7.1, §7.2); every offset checked against
+    ``length``.
 
-    Planes are K head 0..H-1, then V head 0..H-1; plane ``p`` has segments ``p * segs_per_plane + g`` for
-    tokens ``[g * seg_tokens, min(t, (g + 1) * seg_tokens))``.
+    Half 0 is K, half 1 is V. A half's *kept* rows are its tokens that are not repeats (v1: all of them). Planes
+    are K head 0..H-1, then V head 0..H-1; plane ``p`` codes the kept rows of its half, ``seg_tokens`` rows per
+    segment, in segments ``plane_segments[p]`` .. ``plane_segments[p + 1] - 1``.
     """
 
     num_tokens: int
@@ -187,38 +195,96 @@ class Layout:
     head_dim: int
     itemsize: int
     seg_tokens: int
+    repeats: tuple[np.ndarray, np.ndarray]  # per half [r, 2] int64: (row, source), rows increasing
+    kept: tuple[np.ndarray, np.ndarray]  # per half: the kept rows, increasing
     table_offsets: np.ndarray  # [2H + 1] int64: where each plane's code table starts (and the last one ends)
-    raw: int  # offset of the raw plane: 2 * t * H * head_dim elements x (itemsize - 1) bytes
+    raw: int  # offset of the raw plane: (kept K + kept V rows) x H x head_dim elements x (itemsize - 1) bytes
     directory: int  # offset of the u32 segment lengths
     streams: int  # offset of the first segment's bits
-    seg_offsets: np.ndarray  # [2H * segs_per_plane + 1] int64, absolute
+    plane_segments: np.ndarray  # [2H + 1] int64: each plane's first segment (and the total)
+    seg_offsets: np.ndarray  # [num_segments + 1] int64, absolute
 
     @property
     def num_planes(self) -> int:
         return 2 * self.num_heads
 
     @property
-    def segs_per_plane(self) -> int:
-        return -(-self.num_tokens // self.seg_tokens)
+    def num_segments(self) -> int:
+        return int(self.plane_segments[-1])
+
+    def segments(self):
+        """(segment, plane, half, head, first kept row, rows) of every segment, in order."""
+        for p in range(self.num_planes):
+            half, head = divmod(p, self.num_heads)
+            n = len(self.kept[half])
+            for g, row0 in enumerate(range(0, n, self.seg_tokens)):
+                yield int(self.plane_segments[p]) + g, p, half, head, row0, min(self.seg_tokens, n - row0)
+
+    def raw_element(self, half: int, row: int, head: int) -> int:
+        """Index (in elements) of kept row ``row``'s first value of ``head`` in the raw plane."""
+        return ((half * len(self.kept[0]) + row) * self.num_heads + head) * self.head_dim
 
 
-def after_tables(raw: int, num_tokens: int, num_heads: int, head_dim: int, itemsize: int,
-                 seg_tokens: int) -> tuple[int, int]:
-    """(directory, streams) offsets of a chunk whose raw bytes start at ``raw``."""
-    directory = raw + 2 * num_tokens * num_heads * head_dim * (itemsize - 1)
-    return directory, directory + 4 * 2 * num_heads * -(-num_tokens // seg_tokens)
+def find_repeats(rows: np.ndarray) -> np.ndarray:
+    """(row, source) pairs ``[r, 2]`` of ``rows`` ``[t, ...]``: each row equal bit for bit to an earlier one,
+    with the first row it equals (so a source is never itself a repeat)."""
+    first: dict[bytes, int] = {}
+    pairs = []
+    for i, row in enumerate(rows):
+        source = first.setdefault(row.tobytes(), i)
+        if source != i:
+            pairs.append((i, source))
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def _segment_counts(kept: tuple[np.ndarray, np.ndarray], num_heads: int, seg_tokens: int) -> np.ndarray:
+    """``plane_segments``: the first segment of each plane, then the number of segments."""
+    per_plane = [-(-len(kept[p // num_heads]) // seg_tokens) for p in range(2 * num_heads)]
+    return np.concatenate([[0], np.cumsum(per_plane)]).astype(np.int64)
+
+
+def _parse_repeats(data: np.ndarray, num_tokens: int, where: str) -> tuple[tuple[np.ndarray, ...], int]:
+    """v2's repeated-row lists, checked (§7.2), and the offset of the first code table."""
+    n = len(data)
+    if n < HEADER_BYTES + REPEATS_HEAD_BYTES:
+        raise CodecError(f"{where}: {n} bytes, shorter than the {HEADER_BYTES + REPEATS_HEAD_BYTES}-byte header")
+    counts = data[HEADER_BYTES : HEADER_BYTES + REPEATS_HEAD_BYTES].view("<u4").astype(np.int64)
+    if (counts >= num_tokens).any():
+        raise CodecError(f"{where}: {counts.tolist()} repeated rows, but a chunk of {num_tokens} tokens has at most "
+                         f"{num_tokens - 1} per half")
+    at = HEADER_BYTES + REPEATS_HEAD_BYTES
+    end = at + 8 * int(counts.sum())
+    if end > n:
+        raise CodecError(f"{where}: {n} bytes cannot hold the {int(counts.sum())} repeated-row pairs")
+    pairs = data[at:end].view("<u4").astype(np.int64).reshape(-1, 2)
+    repeats = (pairs[: counts[0]], pairs[counts[0] :])
+    for half, rep in enumerate(repeats):
+        rows, sources = rep[:, 0], rep[:, 1]
+        repeated = np.zeros(num_tokens, dtype=bool)
+        repeated[rows[rows < num_tokens]] = True
+        if (np.diff(rows) <= 0).any() or (rows >= num_tokens).any() or (sources >= rows).any() or \
+                repeated[sources[sources < num_tokens]].any():
+            raise CodecError(f"{where}: the repeated {'KV'[half]} rows are not increasing rows < {num_tokens}, each "
+                             f"with an earlier source that is not itself repeated")
+    return repeats, end
 
 
 def parse_layout(data: np.ndarray, num_tokens: int, num_heads: int, head_dim: int, itemsize: int,
-                 where: str) -> Layout:
-    """Check the header and segment directory of encoded ``data`` against its length; :class:`CodecError` else."""
+                 where: str, repeats: bool = True) -> Layout:
+    """Check the header, repeated rows (``repeats``: v2), code tables and segment directory of encoded ``data``
+    against its length; :class:`CodecError` else."""
     n = len(data)
     if n < HEADER_BYTES:
         raise CodecError(f"{where}: {n} bytes, shorter than the {HEADER_BYTES}-byte header")
     seg_tokens = int(data[:4].view("<u4")[0])
     if not 1 <= seg_tokens <= num_tokens:
         raise CodecError(f"{where}: seg_tokens {seg_tokens} is outside [1, {num_tokens}]")
-    table_offsets = [HEADER_BYTES]
+    if repeats:
+        reps, at = _parse_repeats(data, num_tokens, where)
+    else:
+        reps, at = (np.zeros((0, 2), dtype=np.int64),) * 2, HEADER_BYTES
+    kept = tuple(np.setdiff1d(np.arange(num_tokens), rep[:, 0]) for rep in reps)
+    table_offsets = [at]
     for p in range(2 * num_heads):
         at = table_offsets[-1]
         if at + TABLE_HEAD_BYTES > n or data[at] > data[at + 1] or at + table_size(data, at) > n:
@@ -226,7 +292,9 @@ def parse_layout(data: np.ndarray, num_tokens: int, num_heads: int, head_dim: in
                              f"past the {n} bytes)")
         table_offsets.append(at + table_size(data, at))
     raw = table_offsets[-1]
-    directory, streams = after_tables(raw, num_tokens, num_heads, head_dim, itemsize, seg_tokens)
+    plane_segments = _segment_counts(kept, num_heads, seg_tokens)
+    directory = raw + (len(kept[0]) + len(kept[1])) * num_heads * head_dim * (itemsize - 1)
+    streams = directory + 4 * int(plane_segments[-1])
     if streams > n:
         raise CodecError(f"{where}: {n} bytes cannot hold the tables, raw bytes and directory ({streams} bytes)")
     seg_lengths = data[directory:streams].view("<u4").astype(np.int64)
@@ -234,30 +302,41 @@ def parse_layout(data: np.ndarray, num_tokens: int, num_heads: int, head_dim: in
     if seg_offsets[-1] != n:
         raise CodecError(f"{where}: segment lengths add up to {seg_offsets[-1] - streams} bytes of streams, "
                          f"but {n - streams} follow the directory")
-    return Layout(num_tokens, num_heads, head_dim, itemsize, seg_tokens, np.array(table_offsets, dtype=np.int64), raw,
-                  directory, streams, seg_offsets)
+    return Layout(num_tokens, num_heads, head_dim, itemsize, seg_tokens, reps, kept,
+                  np.array(table_offsets, dtype=np.int64), raw, directory, streams, plane_segments, seg_offsets)
 
 
 # -- reference encoder -----------------------------------------------------------------------------------
-def encode(k: np.ndarray, v: np.ndarray, itemsize: int, seg_tokens: int | None = None) -> bytes:
+def encode(k: np.ndarray, v: np.ndarray, itemsize: int, seg_tokens: int | None = None, repeats: bool = True) -> bytes:
     """Encode one chunk: ``k`` and ``v`` ``[t, H, head_dim]`` unsigned ints of ``itemsize`` bytes (the floats'
-    bits). Returns the coded bytes (§7.1), whatever their length; :func:`kvfast.codec.encode_chunk` decides
-    whether to store them or the raw chunk."""
+    bits); ``repeats``: list repeated rows (expcode-v2) or not (v1). Returns the coded bytes (§7.1), whatever their
+    length; :func:`kvfast.codec.encode_chunk` decides whether to store them or the raw chunk."""
     t, heads, head_dim = k.shape
     seg_tokens = default_seg_tokens(head_dim, t) if seg_tokens is None else min(seg_tokens, t)
-    symbols, raw = split(np.concatenate([k.reshape(-1), v.reshape(-1)]), itemsize)
-    planes = symbols.reshape(2, t, heads, head_dim).transpose(0, 2, 1, 3).reshape(2 * heads, t, head_dim)
+    header = [np.array([seg_tokens], dtype="<u4").tobytes()]
+    halves = []
+    for x in (k, v):
+        rep = find_repeats(x.reshape(t, -1)) if repeats else np.zeros((0, 2), dtype=np.int64)
+        halves.append((rep, x[np.setdiff1d(np.arange(t), rep[:, 0])]))
+    if repeats:
+        header += [np.array([len(rep) for rep, _ in halves], dtype="<u4").tobytes(),
+                   *(rep.astype("<u4").tobytes() for rep, _ in halves)]
+    symbols, raw = split(np.concatenate([rows.reshape(-1) for _, rows in halves]), itemsize)
     tables, directory, streams = [], [], []
-    for plane in planes:
-        lengths = code_lengths(np.bincount(plane.reshape(-1), minlength=256))
-        codes = canonical_codes(lengths)
-        tables.append(pack_table(lengths))
-        for g in range(0, t, seg_tokens):
-            stream = _pack_bits(plane[g : g + seg_tokens].reshape(-1), codes, lengths)
-            directory.append(len(stream))
-            streams.append(stream)
-    header = np.array([seg_tokens], dtype="<u4").tobytes()
-    return b"".join([header, *tables, raw.tobytes(), np.array(directory, dtype="<u4").tobytes(), *streams])
+    at = 0
+    for _, rows in halves:
+        n = len(rows)
+        planes = symbols[at : at + rows.size].reshape(n, heads, head_dim).transpose(1, 0, 2)
+        at += rows.size
+        for plane in planes:
+            lengths = code_lengths(np.bincount(plane.reshape(-1), minlength=256))
+            codes = canonical_codes(lengths)
+            tables.append(pack_table(lengths))
+            for g in range(0, n, seg_tokens):
+                stream = _pack_bits(plane[g : g + seg_tokens].reshape(-1), codes, lengths)
+                directory.append(len(stream))
+                streams.append(stream)
+    return b"".join([*header, *tables, raw.tobytes(), np.array(directory, dtype="<u4").tobytes(), *streams])
 
 
 def _pack_bits(symbols: np.ndarray, codes: np.ndarray, lengths: np.ndarray) -> bytes:
@@ -271,24 +350,28 @@ def _pack_bits(symbols: np.ndarray, codes: np.ndarray, lengths: np.ndarray) -> b
 
 # -- reference decoder -----------------------------------------------------------------------------------
 def decode(data: np.ndarray, out: np.ndarray, num_tokens: int, num_heads: int, head_dim: int, itemsize: int,
-           where: str = "chunk") -> None:
+           where: str = "chunk", repeats: bool = True) -> None:
     """Decode coded chunk bytes ``data`` (uint8) into ``out`` (uint8, ``2 * t * H * head_dim * itemsize``
-    bytes: K then V ``[t, H, head_dim]``). Raises :class:`CodecError` naming ``where`` and the field at fault
-    on any inconsistency; never reads outside ``data``."""
-    lay = parse_layout(data, num_tokens, num_heads, head_dim, itemsize, where)
-    t, heads = num_tokens, num_heads
-    symbols = np.empty((2 * heads, t, head_dim), dtype=np.uint8)
-    for p in range(2 * heads):
-        table = decode_table(unpack_table(data, int(lay.table_offsets[p])), f"{where} table {p}")
-        for g in range(lay.segs_per_plane):
-            s = p * lay.segs_per_plane + g
-            rows = symbols[p, g * lay.seg_tokens : (g + 1) * lay.seg_tokens]
-            rows[...] = _unpack_bits(data[lay.seg_offsets[s] : lay.seg_offsets[s + 1]], rows.size, table,
-                                     f"{where} segment {s}").reshape(rows.shape)
-    raw_bytes = 2 * t * heads * head_dim * (itemsize - 1)
-    raw = data[lay.raw : lay.raw + raw_bytes].reshape(-1, itemsize - 1)
-    symbols = symbols.reshape(2, heads, t, head_dim).transpose(0, 2, 1, 3).reshape(-1)
-    out.view(_UINT[itemsize])[...] = merge(symbols, raw, itemsize)
+    bytes: K then V ``[t, H, head_dim]``); ``repeats``: the chunk lists repeated rows (v2) or not (v1). Raises
+    :class:`CodecError` naming ``where`` and the field at fault on any inconsistency; never reads outside
+    ``data``."""
+    lay = parse_layout(data, num_tokens, num_heads, head_dim, itemsize, where, repeats)
+    kept_rows = len(lay.kept[0]) + len(lay.kept[1])
+    symbols = np.empty((kept_rows, num_heads, head_dim), dtype=np.uint8)  # kept K rows, then kept V rows
+    tables = [decode_table(unpack_table(data, int(lay.table_offsets[p])), f"{where} table {p}")
+              for p in range(lay.num_planes)]
+    for s, p, half, head, row0, rows in lay.segments():
+        first = half * len(lay.kept[0]) + row0
+        symbols[first : first + rows, head] = _unpack_bits(data[lay.seg_offsets[s] : lay.seg_offsets[s + 1]],
+                                                           rows * head_dim, tables[p],
+                                                           f"{where} segment {s}").reshape(rows, head_dim)
+    raw = data[lay.raw : lay.raw + symbols.size * (itemsize - 1)].reshape(-1, itemsize - 1)
+    words = merge(symbols.reshape(-1), raw, itemsize).reshape(kept_rows, num_heads, head_dim)
+    halves = out.view(_UINT[itemsize]).reshape(2, num_tokens, num_heads, head_dim)
+    halves[0, lay.kept[0]] = words[: len(lay.kept[0])]
+    halves[1, lay.kept[1]] = words[len(lay.kept[0]) :]
+    for half, rep in enumerate(lay.repeats):
+        halves[half, rep[:, 0]] = halves[half, rep[:, 1]]  # sources are kept rows, all written above
 
 
 def _unpack_bits(stream: np.ndarray, count: int, table: tuple[np.ndarray, np.ndarray], where: str) -> np.ndarray:
