@@ -16,9 +16,13 @@ random token ids. Audits against KV made by:
 A "consistent forger" who recomputes everything after an edit from the edited prefix is caught only by a sample
 *at* an edited position; its row is the measured fraction of audits whose sample positions hit the edited set.
 
+The audit tables use full-depth samples alone (``layer0_samples=0``); ``--layer0`` measures the audit as
+``kvfast.audit`` runs it by default, with 460 further positions whose layer 0 alone is recomputed.
+
 Run:
     python bench/bench_audit.py                               # full run, prints the tables
     python bench/bench_audit.py --quick                       # small N (what tests/test_audit.py runs)
+    python bench/bench_audit.py --layer0                      # only the audit with its layer-0 checks
     python bench/bench_audit.py --results bench/RESULTS.md    # also writes the "## Trust" section
 """
 from __future__ import annotations
@@ -41,7 +45,7 @@ from pathlib import Path
 import torch
 
 import kvfast
-from kvfast.audit import audit
+from kvfast.audit import audit, layer0_flops
 from kvfast.fingerprint import model_config
 from kvfast.hf import capture_kv
 
@@ -96,8 +100,10 @@ class Auditor:
     model: torch.nn.Module
     attn: str
     threads: int
+    layer0_samples: int = 0  # the full-depth samples alone, unless an experiment asks for layer-0 checks too
 
     def __call__(self, path: Path, samples: int, secret: bytes | None = None, **kw) -> kvfast.AuditReport:
+        kw.setdefault("layer0_samples", self.layer0_samples)
         before_attn, before_threads = self.model.config._attn_implementation, torch.get_num_threads()
         self.model.set_attn_implementation(self.attn)
         torch.set_num_threads(self.threads)
@@ -160,13 +166,15 @@ class Row:
     trials: int
     caught: int
     cost: float  # audit FLOPs / prefill FLOPs
+    layer0: int = 0  # layer-0-only positions per audit
 
     @property
     def rate(self) -> float:
         return self.caught / self.trials
 
 
-def honest(model, name, tmp: Path, n_tokens: int, docs: int, audits_per_file: int, samples: int) -> Row:
+def honest(model, name, tmp: Path, n_tokens: int, docs: int, audits_per_file: int, samples: int,
+           layer0_samples: int = 0) -> Row:
     """False positives: every (document, publisher) file audited ``audits_per_file`` times, other secrets."""
     caught = trials = 0
     costs = []
@@ -174,13 +182,13 @@ def honest(model, name, tmp: Path, n_tokens: int, docs: int, audits_per_file: in
         ids = doc(n_tokens, 1000 + d)
         for attn, threads in PUBLISHERS:
             path = save(tmp / "honest.kvf", model, ids, *make_kv(model, ids, attn, threads), attn)
-            auditor = Auditor(model, *other(attn, threads))
+            auditor = Auditor(model, *other(attn, threads), layer0_samples)
             for _ in range(audits_per_file):
                 r = auditor(path, samples)
                 caught += not r.ok
                 trials += 1
                 costs.append(r.cost_fraction)
-    return Row(name, f"honest ({n_tokens} tok)", samples, trials, caught, statistics.mean(costs))
+    return Row(name, f"honest ({n_tokens} tok)", samples, trials, caught, statistics.mean(costs), layer0_samples)
 
 
 def swapped(model, name, tmp: Path, n_tokens: int, files: int, audits_per_file: int, samples: int,
@@ -207,11 +215,11 @@ def swapped(model, name, tmp: Path, n_tokens: int, files: int, audits_per_file: 
 
 
 def edited(model, name, tmp: Path, n_tokens: int, trials: int, samples_list: list[int], alphas: list[float],
-           rng: random.Random, fraction: float = 0.01) -> list[Row]:
+           rng: random.Random, fraction: float = 0.01, layer0_samples: int = 0) -> list[Row]:
     """f = 1% of positions edited: steering at each alpha, exponent bit flips; per sample count."""
     ids = doc(n_tokens, 5000)
     keys, values = make_kv(model, ids, "sdpa", 2)
-    auditor = Auditor(model, "eager", 1)
+    auditor = Auditor(model, "eager", 1, layer0_samples)
     rows = []
     cases: list[tuple[str, Callable]] = [
         (f"steering alpha={a:g}", lambda pos, a=a: steer(keys, values, pos, a, rng)) for a in alphas]
@@ -227,10 +235,11 @@ def edited(model, name, tmp: Path, n_tokens: int, trials: int, samples_list: lis
                 caught += not r.ok
                 direct += bool(set(pos) & set(r.positions))
                 costs.append(r.cost_fraction)
-            rows.append(Row(name, f"1% edited: {case}", samples, trials, caught, statistics.mean(costs)))
-            if case.startswith("exponent"):
+            cost = statistics.mean(costs)
+            rows.append(Row(name, f"1% edited: {case}", samples, trials, caught, cost, layer0_samples))
+            if case.startswith("exponent"):  # its edits in layers >= 1 only a full-depth sample on them can see
                 rows.append(Row(name, "1% edited, consistent forger (a sample on an edit)", samples, trials,
-                                direct, statistics.mean(costs)))
+                                direct, cost, layer0_samples))
     return rows
 
 
@@ -319,12 +328,34 @@ def _timed(fn: Callable[[], object]) -> float:
 
 # -- report -------------------------------------------------------------------------------------------------
 def table(rows: list[Row]) -> str:
-    lines = ["| model | KV | samples | audits | caught | rate | audit FLOPs / prefill FLOPs |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| model | KV | samples | layer-0 samples | audits | caught | rate | audit FLOPs / prefill FLOPs |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         cost = "" if r.cost != r.cost else f"{100 * r.cost:.2f}%"
-        lines.append(f"| {r.model} | {r.case} | {r.samples} | {r.trials} | {r.caught} | {100 * r.rate:.1f}% | {cost} |")
+        lines.append(f"| {r.model} | {r.case} | {r.samples} | {r.layer0} | {r.trials} | {r.caught} | "
+                     f"{100 * r.rate:.1f}% | {cost} |")
     return "\n".join(lines)
+
+
+def layer0_checks(quick: bool, tmp: Path, rng: random.Random) -> str:
+    """The audit with its default layer-0 checks (kvfast.audit.DEFAULT_LAYER0_SAMPLES) beside 8 or 40
+    full-depth samples (40 + 460: <= 2% of prefill FLOPs on these models at 4096 tokens): edits of 1% of
+    positions and false positives."""
+    from kvfast.audit import DEFAULT_LAYER0_SAMPLES as n0
+
+    rows: list[Row] = []
+    n_long = 1024 if quick else 4096
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, model in models(dtype):
+            label = f"{name} {str(dtype).removeprefix('torch.')}"
+            for samples in (8,) if quick else (8, 40):
+                rows.append(honest(model, label, tmp, 512, docs=1 if quick else 10, audits_per_file=5 if quick else 50,
+                                   samples=samples, layer0_samples=n0))
+            if dtype == torch.bfloat16:
+                rows += edited(model, label, tmp, n_long, trials=10 if quick else 100, samples_list=[8, 40],
+                               alphas=[0.01] if quick else [0.003, 0.01, 0.03, 0.1], rng=rng, layer0_samples=n0)
+            print(table(rows), file=sys.stderr)
+    return "\n\n".join([table(rows), smallest_caught(rows)])
 
 
 def run(quick: bool, parts: set[str] = frozenset({"io", "audit"})) -> str:
@@ -332,18 +363,21 @@ def run(quick: bool, parts: set[str] = frozenset({"io", "audit"})) -> str:
     out = []
     with tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)
-        sig = signing_speed(tmp, repeats=1 if quick else 5)
-        loads = hot_load(tmp, repeats=3 if quick else 101)
-        out.append("Signature verification (SHA-256 of every byte + Ed25519), one 268 MB bf16 artifact, page cache "
-                   "hot:\n\n| threads | GB/s |\n| --- | ---: |\n" + "\n".join(
-                       f"| {k.split('(')[1].rstrip(')')} | {v:.2f} |" for k, v in sig.items() if k != "bytes"))
-        base = loads[STORE_KINDS[0]]
-        out.append("Store attach of a 4096-token document (8-layer Llama bf16, 16 MB), median of interleaved runs; "
-                   "ratio to the store as it was before this work:\n\n"
-                   "| store | from disk (page cache hot), ms | ratio | device-tier hit, ms | ratio |\n"
-                   "| --- | ---: | ---: | ---: | ---: |\n" + "\n".join(
-                       f"| {k} | {v['disk'] * 1e3:.2f} | {v['disk'] / base['disk']:.2f} | {v['device'] * 1e3:.3f} | "
-                       f"{v['device'] / base['device']:.2f} |" for k, v in loads.items()))
+        if "io" in parts:
+            sig = signing_speed(tmp, repeats=1 if quick else 5)
+            loads = hot_load(tmp, repeats=3 if quick else 101)
+            out.append("Signature verification (SHA-256 of every byte + Ed25519), one 268 MB bf16 artifact, page "
+                       "cache hot:\n\n| threads | GB/s |\n| --- | ---: |\n" + "\n".join(
+                           f"| {k.split('(')[1].rstrip(')')} | {v:.2f} |" for k, v in sig.items() if k != "bytes"))
+            base = loads[STORE_KINDS[0]]
+            out.append("Store attach of a 4096-token document (8-layer Llama bf16, 16 MB), median of interleaved "
+                       "runs; ratio to the store as it was before this work:\n\n"
+                       "| store | from disk (page cache hot), ms | ratio | device-tier hit, ms | ratio |\n"
+                       "| --- | ---: | ---: | ---: | ---: |\n" + "\n".join(
+                           f"| {k} | {v['disk'] * 1e3:.2f} | {v['disk'] / base['disk']:.2f} | "
+                           f"{v['device'] * 1e3:.3f} | {v['device'] / base['device']:.2f} |" for k, v in loads.items()))
+        if "layer0" in parts:
+            out.append(layer0_checks(quick, tmp, rng))
         if "audit" not in parts:
             return "\n\n".join(out)
         n_long = 1024 if quick else 4096
@@ -373,16 +407,17 @@ def run(quick: bool, parts: set[str] = frozenset({"io", "audit"})) -> str:
 def smallest_caught(rows: list[Row]) -> str:
     """Per model and sample count: the smallest steering alpha caught in >= 99% of the audits."""
     lines = ["Smallest steering norm caught >= 99% (alpha x the layer's mean K/V row norm, 1% of positions):", "",
-             "| model | samples | smallest alpha caught >= 99% |", "| --- | ---: | ---: |"]
-    best: dict[tuple[str, int], float] = {}
+             "| model | samples | layer-0 samples | smallest alpha caught >= 99% |", "| --- | ---: | ---: | ---: |"]
+    best: dict[tuple[str, int, int], float] = {}
     for r in rows:
         if r.case.startswith("1% edited: steering") and r.rate >= 0.99:
             alpha = float(r.case.rsplit("=", 1)[1])
-            best[r.model, r.samples] = min(alpha, best.get((r.model, r.samples), float("inf")))
-    seen = sorted({(r.model, r.samples) for r in rows if r.case.startswith("1% edited: steering")})
-    for model, samples in seen:
-        a = best.get((model, samples))
-        lines.append(f"| {model} | {samples} | {'none tried' if a is None else f'{a:g}'} |")
+            key = (r.model, r.samples, r.layer0)
+            best[key] = min(alpha, best.get(key, float("inf")))
+    seen = sorted({(r.model, r.samples, r.layer0) for r in rows if r.case.startswith("1% edited: steering")})
+    for model, samples, layer0 in seen:
+        a = best.get((model, samples, layer0))
+        lines.append(f"| {model} | {samples} | {layer0} | {'none of those tried' if a is None else f'{a:g}'} |")
     return "\n".join(lines)
 
 
@@ -393,10 +428,12 @@ def qwen3_4b_costs(tokens: int = 4096) -> str:
     shape = cost.ModelShape.from_config(configs.get_config("qwen3-4b"))
     prefill = cost.prefill_flops(shape, tokens)
     lines = [f"Audit cost for Qwen3-4B's shape, {tokens}-token document (analytic: linear + dense attention over "
-             "the prefix, vs chunked prefill):", "", "| samples | audit / prefill FLOPs |", "| ---: | ---: |"]
-    for samples in (8, 48, 80, 460):
+             "the prefix, vs chunked prefill; layer-0 checks: layer 0's q/k/v projections per position):", "",
+             "| samples | audit / prefill FLOPs | with 460 layer-0 checks |", "| ---: | ---: | ---: |"]
+    layer0 = layer0_flops(shape, 460)
+    for samples in (8, 40, 48, 80, 460):
         flops = cost.linear_flops(shape, samples) + cost.attention_flops(shape, samples, tokens - 1)
-        lines.append(f"| {samples} | {100 * flops / prefill:.2f}% |")
+        lines.append(f"| {samples} | {100 * flops / prefill:.2f}% | {100 * (flops + layer0) / prefill:.2f}% |")
     return "\n".join(lines)
 
 
@@ -414,8 +451,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small N: a smoke run (tests run this)")
     ap.add_argument("--results", type=Path, help="write the tables into this RESULTS.md under '## Trust'")
     ap.add_argument("--io-only", action="store_true", help="only signature speed and store attach times")
+    ap.add_argument("--layer0", action="store_true",
+                    help="only the audit with its layer-0 checks (edits of 1%% of positions, false positives)")
     args = ap.parse_args()
-    body = run(args.quick, {"io"} if args.io_only else {"io", "audit"})
+    parts = {"io"} if args.io_only else {"layer0"} if args.layer0 else {"io", "audit", "layer0"}
+    body = run(args.quick, parts)
     print(body)
     if args.results:
         write_results(args.results, body)

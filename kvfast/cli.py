@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 import kvfast
+from kvfast.audit import DEFAULT_LAYER0_SAMPLES
 from kvfast.errors import KvfastError
 from kvfast.format import DTYPE_NAMES, DTYPES
 from kvfast.hf import DEFAULT_PREFILL_CHUNK
@@ -351,11 +352,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.attn:
         model.set_attn_implementation(args.attn)
     secret = Path(args.secret_file).read_bytes() if args.secret_file else None
-    report = kvfast.audit(model, args.kv, samples=args.samples, secret=secret)
+    report = kvfast.audit(model, args.kv, samples=args.samples, layer0_samples=args.layer0_samples, secret=secret)
     if args.json:
         print(json.dumps(report.to_json()))
     else:
         rows = [("file", report.path), ("tokens", report.num_tokens), ("samples", len(report.positions)),
+                ("layer-0 samples", len(report.layer0_positions)),
                 ("cost", f"{100 * report.cost_fraction:.3f}% of prefill FLOPs ({report.flops:.3g} FLOPs)"),
                 ("failed layers (RMS over samples)", ", ".join(map(str, report.failed_layers)) or "none"),
                 *[(f"worst #{i + 1}", f"position {w['position']} layer {w['layer']} {w['kv']}: error "
@@ -383,11 +385,17 @@ def add_trust_parsers(sub: Any) -> None:
     sp = sub.add_parser("audit", help="recompute sampled positions of a .kvf file and compare with its KV",
                         description="Recompute SAMPLES positions (chosen from a secret and the file's Merkle root) "
                                     "in one batched forward against the stored prefix and compare every layer's K/V "
-                                    "with the stored ones, within a tolerance calibrated from honest runs. "
-                                    "Exit 1 when the KV is not what the model computes from its token ids.")
+                                    "with the stored ones, within a tolerance calibrated from honest runs; and "
+                                    "layer 0 alone at LAYER0_SAMPLES more positions (it needs no prefix, and costs "
+                                    "a fraction of a layer). Exit 1 when the KV is not what the model computes from "
+                                    "its token ids.")
     sp.add_argument("model_dir", metavar="MODEL_DIR", help="a local transformers model folder (the claimed model)")
     sp.add_argument("kv", metavar="KV", help="the .kvf file")
-    sp.add_argument("--samples", type=int, default=8, help="positions to recompute (default 8)")
+    sp.add_argument("--samples", type=int, default=8, help="positions to recompute at every layer (default 8)")
+    sp.add_argument("--layer0-samples", type=int, default=DEFAULT_LAYER0_SAMPLES,
+                    help=f"further positions whose layer 0 alone is recomputed (default {DEFAULT_LAYER0_SAMPLES}: an "
+                         "edit of 1%% of "
+                         "positions that touches layer 0 is caught with probability >= 99%%; 0: none)")
     sp.add_argument("--secret-file", metavar="FILE", help="your secret (bytes) to sample positions with "
                                                           "(default: fresh random)")
     sp.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="dtype to run the model in")

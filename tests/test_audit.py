@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import kvfast
-from kvfast.audit import AuditReport, Tolerance, calibrate, check, sample_positions
+from kvfast.audit import AuditReport, Tolerance, calibrate, check, recompute, recompute_layer0, sample_positions
 from kvfast.errors import ModelMismatchError
 from tests.conftest import STORIES, tiny_model
 
@@ -80,8 +80,35 @@ def test_published_file_passes_and_report_says_why(tmp_path, model_bf16):
     assert r.positions == sample_positions(b"consumer", r.merkle_root, TOKENS, 8)
     assert r.sample_errors.shape == (8, 2, 2) and r.layer_errors.shape == (2, 2)
     assert (r.sample_errors[:, 0] == 0).all()  # layer 0 depends on the token alone: recomputed bit for bit
-    assert 0 < r.cost_fraction < 0.1 and len(r.worst) == 5
-    assert json.loads(json.dumps(r.to_json()))["samples"] == 8
+    assert r.layer0_positions == list(range(TOKENS)) and (r.layer0_errors == 0).all()  # 460 >= 256: every one
+    deep_only = kvfast.audit(model_bf16, path, samples=8, layer0_samples=0, secret=b"consumer")
+    assert 0 < deep_only.cost_fraction < 0.1 and len(r.worst) == 5
+    c = model_bf16.config  # the layer-0 checks cost layer 0's q, k and v projections per position
+    assert r.flops == deep_only.flops + 2 * TOKENS * c.hidden_size * c.head_dim * (c.num_attention_heads
+                                                                                   + 2 * c.num_key_value_heads)
+    assert json.loads(json.dumps(r.to_json()))["layer0_samples"] == TOKENS
+
+
+def test_layer0_is_recomputed_from_the_token_alone_as_prefill_made_it(model_bf16):
+    ids = doc(4)
+    keys, values = kvfast.capture_kv(model_bf16, ids)
+    positions = [0, 5, 77, 255]
+    k0, v0 = recompute_layer0(model_bf16, ids, positions)
+    assert torch.equal(k0, keys[0][positions]) and torch.equal(v0, values[0][positions])
+    deep_k, deep_v = recompute(model_bf16, ids, keys, values, positions)
+    assert torch.equal(k0, deep_k[0]) and torch.equal(v0, deep_v[0])
+
+
+def test_layer0_checks_catch_an_edit_no_full_depth_sample_can_see(tmp_path, model_bf16):
+    ids = doc(17)
+    keys, values = kvfast.capture_kv(model_bf16, ids)
+    row = values[0][100].float()
+    values[0][100] = (row + 0.05 * row.norm() / row.numel() ** 0.5).to(row.dtype)  # a small steering edit
+    path = B.save(tmp_path / "e.kvf", model_bf16, ids, keys, values, "sdpa")
+    assert kvfast.audit(model_bf16, path, positions=[50, 99], layer0_samples=0).ok  # before the edit: blind
+    r = kvfast.audit(model_bf16, path, positions=[50, 99], layer0_samples=TOKENS)
+    assert not r.ok and r.failed_layers == []
+    assert (r.worst[0]["position"], r.worst[0]["layer"], r.worst[0]["kv"]) == (100, 0, "V")
 
 
 def test_recompute_equals_prefill_in_float32():
