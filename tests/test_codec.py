@@ -13,7 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-if not torch.cuda.is_available():
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # read when the Triton kernels are first imported (tests/test_kernels.py)
 
 from kvfast import codec as codecs  # noqa: E402
@@ -25,7 +26,11 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 CONTENTS = ["kv_like", "specials", "constant", "random_bits", "repeated_rows"]
 VERSIONS = {"v1": False, "v2": True}  # the codec's version -> whether its chunks list repeated rows
 ENCODERS = ["python", "native"]
-DECODERS = ["python", "native", "triton"]
+DECODERS = ["python", "native",
+            pytest.param("triton", marks=pytest.mark.skipif(HAS_CUDA, reason="a GPU is present: Triton runs "
+                                                                             "compiled (triton-gpu)")),
+            pytest.param("triton-gpu", marks=[pytest.mark.gpu,
+                                              pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")])]
 WORDS = {2: torch.int16, 4: torch.int32}
 SHAPE = (13, 3, 20)  # tokens, heads, head_dim: none a power of two, and 13 tokens leave a short last segment
 SEG_TOKENS = 4
@@ -82,15 +87,16 @@ def _decode(decoder: str, coded: np.ndarray, shape, dtype, repeats: bool = True)
     """K and V decoded by ``decoder``, as one ``[2, t, H, D]`` tensor."""
     t, heads, head_dim = shape
     item = dtype.itemsize
-    if decoder == "triton":
+    if decoder.startswith("triton"):
         pytest.importorskip("triton")
         from kvfast.kernels import expcode as kernels
 
+        device = "cuda" if decoder == "triton-gpu" else "cpu"
         block_size, num_blocks = 4, -(-t // 4) + 2
-        pages = torch.zeros(2, num_blocks, block_size, heads, head_dim, dtype=dtype)
+        pages = torch.zeros(2, num_blocks, block_size, heads, head_dim, dtype=dtype, device=device)
         slots = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(1))[:t]
-        kernels.decode_paged(coded, pages[0], pages[1], slots, repeats=repeats)
-        return pages.reshape(2, -1, heads, head_dim)[:, slots]
+        kernels.decode_paged(coded, pages[0], pages[1], slots.to(device), repeats=repeats)
+        return pages.reshape(2, -1, heads, head_dim)[:, slots.to(device)].cpu()
     out = np.zeros(2 * t * heads * head_dim * item, dtype=np.uint8)
     if decoder == "native" and native is None:
         pytest.skip("kvfast._C is not built")

@@ -11,7 +11,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-if not torch.cuda.is_available():
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # the Triton decoder runs in the interpreter (tests/test_kernels.py)
 
 import kvfast  # noqa: E402
@@ -57,13 +58,13 @@ def bits(t):
 
 def assert_holds(cache, seq, keys, values, n):
     for layer in range(LAYERS):
-        k, v = cache.gather(seq, layer)
+        k, v = (t.cpu() for t in cache.gather(seq, layer))
         assert torch.equal(bits(k), bits(keys[layer][:n])) and torch.equal(bits(v), bits(values[layer][:n]))
 
 
-def new_cache(dtype, layout="NHD", block_size=16):
+def new_cache(dtype, layout="NHD", block_size=16, device="cpu"):
     return kvfast.PagedKVCache(LAYERS, HEADS, HEAD_DIM, num_blocks=TOKENS // block_size + 4, block_size=block_size,
-                               dtype=dtype, layout=layout)
+                               dtype=dtype, layout=layout, device=device)
 
 
 # -- writing and reading -------------------------------------------------------------------------------
@@ -106,10 +107,13 @@ def test_reader_refuses_the_alias_and_a_stored_length_above_raw(tmp_path):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("codec", CODECS)
-def test_coded_file_loads_bitwise_like_the_raw_one(dtype, layout, block_size, codec, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")])])
+def test_coded_file_loads_bitwise_like_the_raw_one(dtype, layout, block_size, codec, device, tmp_path):
+    """CPU caches: decoded on the host; CUDA caches: the stored bytes go to the GPU and Triton decodes them."""
     raw, keys, values = save(tmp_path / "raw.kvf", dtype, "raw", seed=1)
     coded, *_ = save(tmp_path / "coded.kvf", dtype, codec, seed=1)
-    from_raw, from_coded = new_cache(dtype, layout, block_size), new_cache(dtype, layout, block_size)
+    from_raw, from_coded = (new_cache(dtype, layout, block_size, device) for _ in range(2))
     seq_raw = kvfast.load(raw, from_raw, fingerprint=FP)
     handle = kvfast.load_async(coded, from_coded, fingerprint=FP)
     seq_coded = handle.wait()
@@ -135,14 +139,17 @@ def test_prefix_loads_decode_only_what_they_need(backend, num_tokens, tmp_path):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("codec", CODECS)
-def test_triton_decoder_fills_the_cache_like_the_host_path(layout, codec, tmp_path):
-    """The device path of the loader (Triton decode straight into the pages), here on CPU tensors: a prefix of
-    40 tokens ends inside the third 16-token chunk (v2: with repeated V rows on both sides of the cut). Short
-    chunks keep the interpreter's serial loop short."""
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(HAS_CUDA, reason="a GPU is present: Triton runs compiled")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")])])
+def test_triton_decoder_fills_the_cache_like_the_host_path(layout, codec, device, tmp_path):
+    """The device path of the loader (Triton decode straight into the pages; without a GPU on CPU tensors in the
+    interpreter): a prefix of 40 tokens ends inside the third 16-token chunk (v2: with repeated V rows on both
+    sides of the cut). Short chunks keep the interpreter's serial loop short."""
     pytest.importorskip("triton")
     num_tokens = 40
     path, keys, values = save(tmp_path / "doc.kvf", torch.bfloat16, codec, seed=3, chunk_tokens=16)
-    cache = new_cache(torch.bfloat16, layout, block_size=16)
+    cache = new_cache(torch.bfloat16, layout, block_size=16, device=device)
     seq = cache.new_sequence()
     slots = cache.append_slots(seq, num_tokens)
     with kvfast.open(path) as r:
@@ -158,7 +165,7 @@ def test_damaged_coded_chunk_is_refused_and_the_cache_is_left_as_it_was(tmp_path
     with kvfast.open(path) as r:
         chunk = r.chunks[-1]
     data = bytearray(path.read_bytes())
-    data[chunk.offset + 10] ^= 0x40  # in the code tables
+    data[chunk.offset + 10] ^= 0x40  # in the header: expcode-v2's count of repeated V rows
     path.write_bytes(bytes(data))
     cache = new_cache(torch.bfloat16)
     for backend in BACKENDS:
