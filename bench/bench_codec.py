@@ -231,11 +231,14 @@ def publish_row(name: str, model, doc, repeat: int) -> dict:
 
 
 # -- GPU (bench/gpu_check.sh) -----------------------------------------------------------------------------
-def gpu_summary(model, doc, repeat: int) -> dict:
-    """Triton decode GB/s (output bytes) and file -> GPU cache load GB/s (raw KV bytes / s), codec vs raw."""
+def gpu_summary(model, doc, repeat: int, device: str = "cuda") -> dict:
+    """Triton decode GB/s (output bytes) and file -> GPU cache load GB/s (raw KV bytes / s), codec vs raw; each
+    checked bit for bit against the host decoder and the raw file first. (``device="cpu"`` with
+    ``TRITON_INTERPRET=1`` runs the same steps in the interpreter: a check of this function, not a benchmark.)"""
     from kvfast.kernels import expcode as kernels
 
     cache_args = dict(num_blocks=len(doc) // 16 + 8, block_size=16, dtype=torch.bfloat16)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     summary = {}
     with tempfile.TemporaryDirectory(prefix="kvfast-bench-codec-") as folder:
         paths = {c: kvfast.publish(model, doc, Path(folder) / f"{c}.kvf", codec=c) for c in ("raw", "lossless")}
@@ -244,24 +247,34 @@ def gpu_summary(model, doc, repeat: int) -> dict:
             stored = r.read_stored(chunk)
             m = r.manifest
             pages = torch.zeros(2, chunk.raw_length // (2 * m.token_row_bytes) // 16 + 1, 16, m.num_kv_heads,
-                                m.head_dim, dtype=m.dtype, device="cuda")
-            slots = torch.arange(chunk.stop - chunk.start, device="cuda")
+                                m.head_dim, dtype=m.dtype, device=device)
+            slots = torch.arange(chunk.stop - chunk.start, device=device)
             kernels.decode_paged(stored, pages[0], pages[1], slots, repeats=True)
-            torch.cuda.synchronize()
+            k, v = r.split_chunk(chunk, r.read_chunk(chunk))  # the host decoder's bytes: the reference
+            t = chunk.stop - chunk.start
+            if not all(torch.equal(a.reshape(-1, m.num_kv_heads, m.head_dim)[:t].cpu().view(torch.int16),
+                                   b[:t].view(torch.int16)) for a, b in zip(pages, (k, v))):
+                raise AssertionError("the Triton decoder's chunk differs from the host decoder's: not timing it")
             secs = best_seconds(lambda: (kernels.decode_paged(stored, pages[0], pages[1], slots, repeats=True),
-                                         torch.cuda.synchronize()), repeat)
+                                         sync()), repeat)
             summary["Triton decode GB/s (output, one chunk incl. host prep)"] = round(chunk.raw_length / secs / 1e9, 2)
             kv_bytes = sum(c.raw_length for c in r.chunks)
+        loaded = {}
         for codec, path in paths.items():
-            cache = kvfast.PagedKVCache(m.num_layers, m.num_kv_heads, m.head_dim, device="cuda", **cache_args)
+            cache = kvfast.PagedKVCache(m.num_layers, m.num_kv_heads, m.head_dim, device=device, **cache_args)
+            seq = kvfast.load(path, cache, fingerprint=m.fingerprint)
+            loaded[codec] = [torch.cat(cache.gather(seq, layer)).cpu().view(torch.int16)
+                             for layer in range(m.num_layers)]
+            cache.free(seq)
 
             def load():
                 seq = kvfast.load(path, cache, fingerprint=m.fingerprint)
-                torch.cuda.synchronize()
+                sync()
                 cache.free(seq)
 
-            load()
             summary[f"file -> GPU cache GB/s ({codec})"] = round(kv_bytes / best_seconds(load, repeat) / 1e9, 2)
+        if not all(torch.equal(a, b) for a, b in zip(loaded["raw"], loaded["lossless"])):
+            raise AssertionError("the lossless file loads into the GPU cache unlike the raw one: not timing it")
     summary["codec / raw load bandwidth"] = round(summary["file -> GPU cache GB/s (lossless)"]
                                                   / summary["file -> GPU cache GB/s (raw)"], 2)
     return summary
