@@ -338,9 +338,9 @@ def table(rows: list[Row]) -> str:
 
 
 def layer0_checks(quick: bool, tmp: Path, rng: random.Random) -> str:
-    """The audit with its default layer-0 checks (kvfast.audit.DEFAULT_LAYER0_SAMPLES) beside 8 or 40
-    full-depth samples (40 + 460: <= 2% of prefill FLOPs on these models at 4096 tokens): edits of 1% of
-    positions and false positives."""
+    """The audit with its default layer-0 checks (kvfast.audit.DEFAULT_LAYER0_SAMPLES) beside 8, 40 or 48
+    full-depth samples (40 or 48 + 460: <= 2% of prefill FLOPs on these models at 4096 tokens, stories260K's
+    shape at 40): edits of 1% of positions (200 trials each: the point is >= 99%) and false positives."""
     from kvfast.audit import DEFAULT_LAYER0_SAMPLES as n0
 
     rows: list[Row] = []
@@ -348,11 +348,12 @@ def layer0_checks(quick: bool, tmp: Path, rng: random.Random) -> str:
     for dtype in (torch.float32, torch.bfloat16):
         for name, model in models(dtype):
             label = f"{name} {str(dtype).removeprefix('torch.')}"
-            for samples in (8,) if quick else (8, 40):
+            for samples in (8,) if quick else (8, 48):
                 rows.append(honest(model, label, tmp, 512, docs=1 if quick else 10, audits_per_file=5 if quick else 50,
                                    samples=samples, layer0_samples=n0))
             if dtype == torch.bfloat16:
-                rows += edited(model, label, tmp, n_long, trials=10 if quick else 100, samples_list=[8, 40],
+                rows += edited(model, label, tmp, n_long, trials=10 if quick else 200,
+                               samples_list=[8, 40] if quick else [8, 40, 48],
                                alphas=[0.01] if quick else [0.003, 0.01, 0.03, 0.1], rng=rng, layer0_samples=n0)
             print(table(rows), file=sys.stderr)
     return "\n\n".join([table(rows), smallest_caught(rows)])

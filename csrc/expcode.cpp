@@ -34,7 +34,9 @@ struct Layout {
   uint64_t raw = 0, directory = 0, streams = 0;  // byte offsets
 
   int64_t half_of(int64_t plane, const ChunkShape& s) const { return plane / s.heads; }
-  int64_t rows(int64_t plane, const ChunkShape& s) const { return static_cast<int64_t>(kept[half_of(plane, s)].size()); }
+  int64_t rows(int64_t plane, const ChunkShape& s) const {
+    return static_cast<int64_t>(kept[half_of(plane, s)].size());
+  }
   // Element index of kept row `row`'s first value of `head` in the raw bytes.
   int64_t raw_element(int64_t half, int64_t row, int64_t head, const ChunkShape& s) const {
     return ((half * static_cast<int64_t>(kept[0].size()) + row) * s.heads + head) * s.head_dim;

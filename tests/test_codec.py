@@ -199,7 +199,8 @@ def test_length_limited_codes_agree_across_encoders():
     syms = np.repeat(np.nonzero(_fibonacci_counts(30))[0], 3).astype(np.uint16) << 7  # exponent = symbol
     plane = np.resize(syms, 64 * 2 * 8).reshape(64, 2, 8)
     assert np.array_equal(np.frombuffer(expcode.encode(plane, plane, 2, 16), np.uint8),
-                          np.frombuffer(native.expcode_encode(plane, plane, 64, 2, 8, 2, 16, 1, repeats=True), np.uint8))
+                          np.frombuffer(native.expcode_encode(plane, plane, 64, 2, 8, 2, 16, 1, repeats=True),
+                                        np.uint8))
 
 
 # -- hostile bytes ---------------------------------------------------------------------------------------
