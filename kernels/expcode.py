@@ -147,7 +147,8 @@ def decode_paged(stored: np.ndarray, k_pages: torch.Tensor, v_pages: torch.Tenso
         lay.num_segments, heads, len(lay.kept[0]), lay.raw, block_size,
         k_words.stride(0), k_words.stride(1), k_words.stride(2), v_words.stride(0), v_words.stride(1),
         v_words.stride(2),
-        HEAD_DIM=head_dim, ITEMSIZE=itemsize, MAX_SYMBOLS=int(segs[:, 2].max()), BLOCK=_BLOCK,
+        # a bound, not the longest segment: one compiled kernel per chunk shape, however many rows repeat
+        HEAD_DIM=head_dim, ITEMSIZE=itemsize, MAX_SYMBOLS=lay.seg_tokens * head_dim, BLOCK=_BLOCK,
     )
     failed = torch.nonzero(status < 0)
     if failed.numel():
