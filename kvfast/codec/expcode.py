@@ -220,10 +220,6 @@ class Layout:
             for g, row0 in enumerate(range(0, n, self.seg_tokens)):
                 yield int(self.plane_segments[p]) + g, p, half, head, row0, min(self.seg_tokens, n - row0)
 
-    def raw_element(self, half: int, row: int, head: int) -> int:
-        """Index (in elements) of kept row ``row``'s first value of ``head`` in the raw plane."""
-        return ((half * len(self.kept[0]) + row) * self.num_heads + head) * self.head_dim
-
 
 def find_repeats(rows: np.ndarray) -> np.ndarray:
     """(row, source) pairs ``[r, 2]`` of ``rows`` ``[t, ...]``: each row equal bit for bit to an earlier one,
