@@ -23,6 +23,7 @@ they produce and accept exactly these bytes.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -212,7 +213,7 @@ class Layout:
     def num_segments(self) -> int:
         return int(self.plane_segments[-1])
 
-    def segments(self):
+    def segments(self) -> Iterator[tuple[int, int, int, int, int, int]]:
         """(segment, plane, half, head, first kept row, rows) of every segment, in order."""
         for p in range(self.num_planes):
             half, head = divmod(p, self.num_heads)
