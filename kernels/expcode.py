@@ -131,18 +131,20 @@ def decode_paged(stored: np.ndarray, k_pages: torch.Tensor, v_pages: torch.Tenso
         symbol, length = expcode.decode_table(expcode.unpack_table(stored, int(lay.table_offsets[p])),
                                               f"{where} table {p}")
         luts[p] = symbol.astype(np.int32) | (length.astype(np.int32) << 8)
-    segs = np.array([(p, row0, rows * head_dim) for _, p, _, _, row0, rows in lay.segments()], dtype=np.int64)
+    # per segment: byte offset, byte length, plane, first kept row, symbols -- one copy to the device
+    segs = np.array([(lay.seg_offsets[s], lay.seg_offsets[s + 1] - lay.seg_offsets[s], p, row0, rows * head_dim)
+                     for s, p, _, _, row0, rows in lay.segments()], dtype=np.int64).T.copy()
     device = k_pages.device
 
     def dev(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+        return torch.from_numpy(a).to(device)
 
     status = torch.empty(lay.num_segments, dtype=torch.int64, device=device)
     words = {2: torch.int16, 4: torch.int32}[itemsize]
     k_words, v_words = k_pages.view(words), v_pages.view(words)
     _decode_kernel[(triton.cdiv(lay.num_segments, _BLOCK),)](
         dev(np.require(stored, requirements="W")), dev(luts),
-        dev(lay.seg_offsets[:-1]), dev(np.diff(lay.seg_offsets)), dev(segs[:, 0]), dev(segs[:, 1]), dev(segs[:, 2]),
+        *dev(segs),
         status, k_words, v_words, dev(np.concatenate(lay.kept)), slot_mapping,
         lay.num_segments, heads, len(lay.kept[0]), lay.raw, block_size,
         k_words.stride(0), k_words.stride(1), k_words.stride(2), v_words.stride(0), v_words.stride(1),
@@ -156,7 +158,7 @@ def decode_paged(stored: np.ndarray, k_pages: torch.Tensor, v_pages: torch.Tenso
         raise CodecError(f"{where} segment {s}: the bit stream holds no valid code sequence of its length")
     for pages, rep in zip((k_pages, v_pages), lay.repeats):
         if len(rep):  # sources are kept rows, written above; a stored row's source is stored (-1: a suffix)
-            rows, sources = slot_mapping[dev(rep[:, 0])], slot_mapping[dev(rep[:, 1])]
+            rows, sources = slot_mapping[dev(np.ascontiguousarray(rep.T))]  # one copy to the device
             sources = sources[rows >= 0]
             rows = rows[rows >= 0]
             pages[rows // block_size, rows % block_size] = pages[sources // block_size, sources % block_size]
