@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 
 import kvfast
-from kvfast.audit import audit, layer0_flops
-from kvfast.fingerprint import model_config
+from kvfast.trust.audit import audit, layer0_flops
+from kvfast.identity import model_config
 from kvfast.hf import capture_kv
 from report import machine, write_section
 
@@ -267,7 +267,7 @@ def other_checkpoint(model, name, tmp: Path, n_tokens: int, files: int, audits_p
 # -- signing speed and the hot store load -------------------------------------------------------------------
 def signing_speed(tmp: Path, repeats: int) -> dict[str, float]:
     """GB/s of verify_signature on a 268 MB artifact (16 layers x 4096 tokens x 8 heads x 128, bf16)."""
-    from kvfast.sign import keygen, sign, verify_signature
+    from kvfast.trust.signing import keygen, sign, verify_signature
 
     g = torch.Generator().manual_seed(0)
     layers, n, h, d = 16, 4096, 8, 128
@@ -290,7 +290,7 @@ def hot_load(tmp: Path, repeats: int) -> dict[str, dict[str, float]]:
     from transformers import LlamaConfig
 
     from kvfast import configs
-    from kvfast.sign import keygen, sign
+    from kvfast.trust.signing import keygen, sign
 
     model = configs.build_model(LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512,
                                             num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
@@ -338,10 +338,10 @@ def table(rows: list[Row]) -> str:
 
 
 def layer0_checks(quick: bool, tmp: Path, rng: random.Random) -> str:
-    """The audit with its default layer-0 checks (kvfast.audit.DEFAULT_LAYER0_SAMPLES) beside 8, 40 or 48
+    """The audit with its default layer-0 checks (kvfast.trust.audit.DEFAULT_LAYER0_SAMPLES) beside 8, 40 or 48
     full-depth samples (40 or 48 + 460: <= 2% of prefill FLOPs on these models at 4096 tokens, stories260K's
     shape at 40): edits of 1% of positions (200 trials each: the point is >= 99%) and false positives."""
-    from kvfast.audit import DEFAULT_LAYER0_SAMPLES as n0
+    from kvfast.trust.audit import DEFAULT_LAYER0_SAMPLES as n0
 
     rows: list[Row] = []
     n_long = 1024 if quick else 4096

@@ -42,7 +42,7 @@ import zstandard
 
 import kvfast
 from kvfast import _C
-from kvfast.codec import expcode
+from kvfast.format.codec import expcode
 from kvfast.hf import capture_kv
 from report import machine, write_section
 
@@ -55,7 +55,7 @@ CHUNK_TOKENS = 256
 def stories_kv(tokens: int):
     from transformers import DynamicCache, LlamaForCausalLM
 
-    from kvfast.generate import decode
+    from kvfast.hf.generate import decode
 
     model = LlamaForCausalLM.from_pretrained(STORIES).eval()
     story = [1] + decode(model, DynamicCache(), [1], max_new_tokens=tokens - 1, return_logits=False).tokens

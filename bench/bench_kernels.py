@@ -109,7 +109,7 @@ def per_layer(scatter_kv: Callable, layout: str) -> Callable:
 
 def candidates(layout: str, layers: int, device: torch.device) -> list[tuple[str, int, Callable]]:
     """``(name, launches, scatter(src, storage, slots))`` for every implementation importable here."""
-    from kvfast import ops
+    from kvfast.cache import ops
 
     out = []
     try:
@@ -138,7 +138,7 @@ def candidates(layout: str, layers: int, device: torch.device) -> list[tuple[str
 # The run
 # ===================================================================================================
 def bench_layout(layout: str, tokens: int, layers: int, device: torch.device, repeats: int) -> list[Row]:
-    from kvfast import ops
+    from kvfast.cache import ops
 
     src, storage, slots = make_case(layout, tokens, layers, device)
     moved = 2 * src.numel() * src.element_size()  # read src + write the cache

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvfast import ops
+from kvfast.cache import ops
 
 # Element size in bytes -> the integer type the kernels copy (same bits, no float semantics).
 BITS_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -200,7 +200,7 @@ def _check_dtypes_devices(tensors: dict[str, torch.Tensor], device_type: str | N
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     device = devices.pop()
     if device_type is not None and device.type != device_type:
-        raise ValueError(f"these kernels run on {device_type} tensors, got {device}; use kvfast.ops on other devices")
+        raise ValueError(f"these kernels run on {device_type} tensors, got {device}; use kvfast.cache.ops on other devices")
     for name, t in tensors.items():
         if t.shape[-1] > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in head_dim (stride 1), got strides {t.stride()}; pass "

@@ -1,6 +1,6 @@
 """Torch-tensor wrappers over the CUDA kernels of ``kvfast._C_cuda`` (``csrc/cuda/paged_kv.cu``).
 
-Same three functions, signatures and bit-exact contract as :mod:`kvfast.ops` and the Triton kernels. The
+Same three functions, signatures and bit-exact contract as :mod:`kvfast.cache.ops` and the Triton kernels. The
 extension takes raw pointers, strides and a stream handle as ints, so it never links libtorch; these wrappers
 check the tensors (``_checks.py``), then pass ``data_ptr()``, strides and the current stream of the tensors'
 device. Launches are asynchronous on that stream, like any torch op.
@@ -42,7 +42,7 @@ def scatter_kv(src_k: torch.Tensor, src_v: torch.Tensor, k_cache: torch.Tensor, 
                slot_mapping: torch.Tensor, *, layout: str = "NHD") -> None:
     """Write tokens into one layer's paged K/V caches (vLLM's ``reshape_and_cache_flash``), in CUDA.
 
-    Same contract as :func:`kvfast.ops.scatter_kv` and :func:`kvfast.kernels.scatter_kv`, bit for bit.
+    Same contract as :func:`kvfast.cache.ops.scatter_kv` and :func:`kvfast.kernels.scatter_kv`, bit for bit.
 
     Parameters
     ----------
@@ -71,7 +71,7 @@ def scatter_kv_layers(src: torch.Tensor, cache: torch.Tensor, slot_mapping: torc
                       layout: str = "NHD") -> None:
     """Write one chunk of tokens for several layers in a single launch (the loader's staging buffer), in CUDA.
 
-    Same contract as :func:`kvfast.ops.scatter_kv_layers`, bit for bit.
+    Same contract as :func:`kvfast.cache.ops.scatter_kv_layers`, bit for bit.
 
     Parameters
     ----------
@@ -95,7 +95,7 @@ def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.T
               layout: str = "NHD") -> tuple[torch.Tensor, torch.Tensor]:
     """Read one sequence's first ``num_tokens`` tokens out of paged caches, in CUDA.
 
-    Same contract as :func:`kvfast.ops.gather_kv`, bit for bit.
+    Same contract as :func:`kvfast.cache.ops.gather_kv`, bit for bit.
 
     Parameters
     ----------

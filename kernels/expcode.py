@@ -7,7 +7,7 @@ in advance, so every segment of a chunk decodes at once. An expcode-v2 chunk's r
 from their sources, page to page, by one indexed copy per half.
 
 The host (:func:`decode_paged`) checks the header, segment directory and code tables with the numpy reference
-(:mod:`kvfast.codec.expcode`) before launch, so the kernel trusts the sizes; each lane still reads only inside
+(:mod:`kvfast.format.codec.expcode`) before launch, so the kernel trusts the sizes; each lane still reads only inside
 its own segment and reports whether its stream was exactly consumed, which the host checks after the launch.
 
 Runs compiled on a GPU and, with ``TRITON_INTERPRET=1``, on CPU tensors (the tests).
@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvfast.codec import expcode
-from kvfast.codec.errors import CodecError
+from kvfast.format.codec import expcode
+from kvfast.errors import CodecError
 
 _BLOCK = 32  # segments per program
 

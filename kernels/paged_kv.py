@@ -1,6 +1,6 @@
 """Triton kernels for the paged KV cache: scatter tokens into pages, gather a sequence back out.
 
-Each kernel has a pure-PyTorch reference with the same signature in :mod:`kvfast.ops`; the tests compare the
+Each kernel has a pure-PyTorch reference with the same signature in :mod:`kvfast.cache.ops`; the tests compare the
 two bit for bit. Both kernels are plain copies driven by strides (see ``_checks.py``): one program copies one
 token's ``[heads, head_dim]`` tile (or a slice of its heads) of K and of V, for one layer.
 
@@ -96,7 +96,7 @@ def scatter_kv(src_k: torch.Tensor, src_v: torch.Tensor, k_cache: torch.Tensor, 
                slot_mapping: torch.Tensor, *, layout: str = "NHD") -> None:
     """Write tokens into one layer's paged K/V caches (vLLM's ``reshape_and_cache_flash``), in Triton.
 
-    Same contract as :func:`kvfast.ops.scatter_kv`, bit for bit.
+    Same contract as :func:`kvfast.cache.ops.scatter_kv`, bit for bit.
 
     Parameters
     ----------
@@ -128,7 +128,7 @@ def scatter_kv_layers(src: torch.Tensor, cache: torch.Tensor, slot_mapping: torc
                       layout: str = "NHD") -> None:
     """Write one chunk of tokens for several layers in a single launch (the loader's staging buffer), in Triton.
 
-    Same contract as :func:`kvfast.ops.scatter_kv_layers`, bit for bit.
+    Same contract as :func:`kvfast.cache.ops.scatter_kv_layers`, bit for bit.
 
     Parameters
     ----------
@@ -186,7 +186,7 @@ def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.T
               layout: str = "NHD") -> tuple[torch.Tensor, torch.Tensor]:
     """Read one sequence's first ``num_tokens`` tokens out of paged caches, in Triton.
 
-    Same contract as :func:`kvfast.ops.gather_kv`, bit for bit.
+    Same contract as :func:`kvfast.cache.ops.gather_kv`, bit for bit.
 
     Parameters
     ----------

@@ -3,35 +3,35 @@
 The public API (see README.md). Everything here is re-exported from the module that implements it.
 """
 from kvfast._backend import backend
-from kvfast.codec import CodecError
+from kvfast.cache import KVSequence, PagedKVCache
 from kvfast.errors import (
     CacheFullError,
     ChecksumError,
+    CodecError,
     DtypeMismatchError,
     FormatError,
     KvfastError,
     LayoutError,
+    LedgerError,
     ManifestError,
     ModelMismatchError,
     NotKvfError,
     ShapeMismatchError,
+    SignatureError,
     TokenMismatchError,
     TruncatedFileError,
     UnsupportedCodecError,
     UnsupportedVersionError,
 )
-from kvfast.fingerprint import block_hashes, checkpoint_fingerprint, document_key, fingerprint
 from kvfast.format import KvfReader, Manifest, save_kv
 from kvfast.format import open_kvf as open  # noqa: A001 - kvfast.open mirrors safetensors.safe_open
-from kvfast.generate import GenerationOutput, generate
-from kvfast.hf import PagedCache, capture_kv, extend, publish
-from kvfast.loader import load, load_async
-from kvfast.paged import KVSequence, PagedKVCache
+from kvfast.hf import GenerationOutput, PagedCache, VerifyReport, capture_kv, extend, generate, publish, verify
+from kvfast.identity import block_hashes, checkpoint_fingerprint, document_key, fingerprint
+from kvfast.load import load, load_async
 from kvfast.store import Store, StoreEntry, StoreKey, StoreMatch, StoreStats
-from kvfast.verify import VerifyReport, verify
-from kvfast.audit import AuditReport, audit
-from kvfast.ledger import Ledger, LedgerError
-from kvfast.sign import SignatureError, keygen, sign, verify_signature
+from kvfast.trust.audit import AuditReport, audit
+from kvfast.trust.ledger import Ledger
+from kvfast.trust.signing import keygen, sign, verify_signature
 
 __version__ = "0.1.0"
 

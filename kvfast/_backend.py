@@ -46,14 +46,14 @@ def backend() -> dict[str, str]:
 # (bench/RESULTS.md); until a GPU run records them, CUDA leads because it needs no JIT warm-up and copies in
 # 16-byte words by construction. KVFAST_KERNELS=cuda|triton|torch forces one (and fails if it is missing).
 GPU_KERNEL_ORDER = ("cuda", "triton", "torch")
-_KERNEL_MODULES = {"cuda": "kvfast.kernels.cuda", "triton": "kvfast.kernels.paged_kv", "torch": "kvfast.ops"}
+_KERNEL_MODULES = {"cuda": "kvfast.kernels.cuda", "triton": "kvfast.kernels.paged_kv", "torch": "kvfast.cache.ops"}
 
 
 def paged_kernels(device) -> tuple[str, object]:
     """The scatter/gather implementation for caches on ``device``: ``(name, module)``.
 
     The module has ``scatter_kv``, ``scatter_kv_layers`` and ``gather_kv`` with the signatures of
-    :mod:`kvfast.ops`. CPU (and any non-CUDA) tensors always use that PyTorch reference; CUDA tensors use the
+    :mod:`kvfast.cache.ops`. CPU (and any non-CUDA) tensors always use that PyTorch reference; CUDA tensors use the
     first importable of ``GPU_KERNEL_ORDER``, or ``KVFAST_KERNELS`` when set.
 
     Example:

@@ -42,9 +42,9 @@ from transformers.cache_utils import DynamicCache
 
 import kvfast
 from kvfast import cost
-from kvfast.fingerprint import model_config
+from kvfast.identity import model_config
 from kvfast.format import dtype_name
-from kvfast.hf import DEFAULT_PREFILL_CHUNK, kv_from_cache, prefill
+from kvfast.hf.capture import DEFAULT_PREFILL_CHUNK, kv_from_cache, prefill
 
 DEFAULT_LENGTHS = (256, 512, 1024, 2048, 4096)
 DEFAULT_QUESTION_TOKENS = 16

@@ -12,11 +12,11 @@ from typing import Any
 import torch
 
 import kvfast
-from kvfast.audit import DEFAULT_LAYER0_SAMPLES
+from kvfast.trust.audit import DEFAULT_LAYER0_SAMPLES
 from kvfast.errors import KvfastError
 from kvfast.format import DTYPE_NAMES, DTYPES
 from kvfast.hf import DEFAULT_PREFILL_CHUNK
-from kvfast.verify import VerifyReport, verify
+from kvfast.hf.verify import VerifyReport, verify
 
 EXIT_FAILED_CHECK = 1  # verify found a difference
 EXIT_ERROR = 2  # bad input: the message says which file and what
@@ -333,7 +333,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     except FileExistsError:
         print(f"kvfast: error: {args.key}: exists; not overwriting a key", file=sys.stderr)
         return EXIT_ERROR
-    from kvfast.sign import key_id, load_public_key
+    from kvfast.trust.signing import key_id, load_public_key
 
     print(f"wrote {private} (private, keep it) and {public} (public, give it to consumers); "
           f"key id {key_id(load_public_key(public))}")

@@ -1,6 +1,9 @@
-"""The exceptions kvfast raises: one base class, one class per failure a caller handles differently.
+"""Every exception kvfast raises on purpose: one base class, one class per failure a caller handles differently.
 
-Every message names the file (when there is one) and the field or chunk at fault, and says what to do.
+Every message names the file (when there is one) and the field or chunk at fault, and says what to do. The same
+facts ride along as attributes (``path``, ``chunk``, and ``errno`` on OS errors) for code that reacts to them.
+Failures inside the native extension come back as these classes too: :mod:`kvfast.load.native` maps them at the
+binding boundary, so callers never match strings or catch ``RuntimeError``.
 """
 from __future__ import annotations
 
@@ -8,10 +11,16 @@ import os
 
 
 class KvfastError(Exception):
-    """Base class of every error kvfast raises on purpose."""
+    """Base class of every error kvfast raises on purpose.
 
-    def __init__(self, message: str, *, path: str | os.PathLike | None = None):
+    Attributes:
+        path: the file at fault, or None.
+        chunk: the index of the chunk at fault (docs/FORMAT.md §5), or None.
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None, chunk: int | None = None):
         self.path = os.fspath(path) if path is not None else None
+        self.chunk = chunk
         super().__init__(f"{self.path}: {message}" if self.path else message)
 
 
@@ -48,6 +57,11 @@ class ChecksumError(FormatError):
     """Stored bytes do not match their checksum: the file is corrupted."""
 
 
+class CodecError(FormatError):
+    """A chunk's encoded bytes are inconsistent (a size, a code table or a bit stream): the file is damaged or
+    was not written by kvfast. Re-publish it or fetch it again."""
+
+
 # -- the file against the consumer --------------------------------------------------------------------
 class ModelMismatchError(KvfastError):
     """The KV was made by another model (other weights, config or dtype) than the one it is attached to."""
@@ -65,6 +79,32 @@ class TokenMismatchError(KvfastError):
     """The file's token ids are not the ones the caller expects."""
 
 
-# -- the paged cache ----------------------------------------------------------------------------------
+# -- destination pages ----------------------------------------------------------------------------------
 class CacheFullError(KvfastError, MemoryError):
     """The paged cache has no free blocks left; free sequences or allocate more blocks."""
+
+
+class PagesError(KvfastError, ValueError):
+    """Destination pages or block ids that a load cannot fill: out of range, repeated, or too few."""
+
+
+class KVLayoutError(KvfastError, ValueError):
+    """vLLM's KV cache has a layout kvfast does not know (backend, shape, dtype or strides); nothing is loaded."""
+
+
+# -- the copy -------------------------------------------------------------------------------------------
+class LoadCancelledError(KvfastError):
+    """The load was cancelled before it finished; the destination pages hold partial data."""
+
+
+class DeviceError(KvfastError, RuntimeError):
+    """A CUDA call failed while loading (the message carries the runtime's words)."""
+
+
+# -- trust ------------------------------------------------------------------------------------------------
+class SignatureError(KvfastError):
+    """An artifact is unsigned, signed by a key not trusted, or its bytes differ from what was signed."""
+
+
+class LedgerError(KvfastError):
+    """The ledger is unreadable or its hash chain is broken (a record edited, deleted or reordered)."""

@@ -1,4 +1,4 @@
-"""The audit (kvfast.audit): honest KV passes whoever made it; swapped, edited or foreign KV is caught.
+"""The audit (kvfast.trust.audit): honest KV passes whoever made it; swapped, edited or foreign KV is caught.
 
 Small N here (tiny models, short documents, tens of audits); bench/bench_audit.py runs the full numbers
 (4096-token documents, >= 1000 honest audits per model) and records them in bench/RESULTS.md "Trust".
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import kvfast
-from kvfast.audit import AuditReport, Tolerance, calibrate, check, recompute, recompute_layer0, sample_positions
+from kvfast.trust.audit import AuditReport, Tolerance, calibrate, check, recompute, recompute_layer0, sample_positions
 from kvfast.errors import ModelMismatchError
 from tests.conftest import STORIES, tiny_model
 

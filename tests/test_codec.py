@@ -17,9 +17,9 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # read when the Triton kernels are first imported (tests/test_kernels.py)
 
-from kvfast import codec as codecs  # noqa: E402
+from kvfast.format import codec as codecs  # noqa: E402
 from kvfast._backend import native  # noqa: E402
-from kvfast.codec import CodecError, expcode  # noqa: E402
+from kvfast.format.codec import CodecError, expcode  # noqa: E402
 from kvfast.errors import UnsupportedCodecError  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -266,7 +266,7 @@ TAMPERING = {"short_header": "header", "seg_tokens": "seg_tokens", "truncated": 
 def test_inconsistent_bytes_raise_codec_error_naming_the_field(kind, decoder):
     with pytest.raises((CodecError, ValueError), match=TAMPERING[kind]) as info:
         _decode(decoder, _tamper(kind), SHAPE, torch.bfloat16)
-    if decoder != "native":  # the binding raises ValueError; kvfast.codec.decode_chunk turns it into CodecError
+    if decoder != "native":  # the binding raises ValueError; kvfast.format.codec.decode_chunk turns it into CodecError
         assert info.type is CodecError
 
 

@@ -16,10 +16,10 @@ if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # the Triton decoder runs in the interpreter (tests/test_kernels.py)
 
 import kvfast  # noqa: E402
-from kvfast import codec as codecs  # noqa: E402
-from kvfast import loader  # noqa: E402
+from kvfast.format import codec as codecs  # noqa: E402
+from kvfast.load import loader  # noqa: E402
 from kvfast._backend import native  # noqa: E402
-from kvfast.codec import CodecError  # noqa: E402
+from kvfast.format.codec import CodecError  # noqa: E402
 from kvfast.errors import ChecksumError, LayoutError, UnsupportedCodecError  # noqa: E402
 from tests.conftest import random_ids, tiny_model  # noqa: E402
 from tests.test_cli import kvfast_cli  # noqa: E402

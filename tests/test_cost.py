@@ -13,7 +13,7 @@ import kvfast
 from kvfast import cost
 from kvfast.cli import main
 from kvfast.configs import get_config
-from kvfast.fingerprint import kv_shape
+from kvfast.identity import kv_shape
 from kvfast.hf import prefill
 from tests.conftest import ARCHITECTURES, random_ids, tiny_model
 

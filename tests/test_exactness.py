@@ -6,7 +6,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 import kvfast
-from kvfast.generate import decode
+from kvfast.hf.generate import decode
 from kvfast.hf import prefill
 from tests.conftest import ARCHITECTURES, random_ids, stories_model, tiny_model
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import kvfast
-from kvfast.fingerprint import block_hashes, document_key, fingerprint, kv_shape, model_config, weights_digest
+from kvfast.identity import block_hashes, document_key, fingerprint, kv_shape, model_config, weights_digest
 from tests.conftest import random_ids, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ DOC = 100  # tokens: 6 full blocks of 16 and a partial one of 4
 # Runs in a fresh interpreter with another hash seed: it must print the same identities as this process.
 CHILD = """
 import json, torch
-from kvfast.fingerprint import block_hashes, document_key, fingerprint
+from kvfast.identity import block_hashes, document_key, fingerprint
 from tests.conftest import random_ids, tiny_model
 out = {"fingerprints": [fingerprint(tiny_model(a, getattr(torch, d))) for a, d in %(models)r],
        "chains": {str(b): block_hashes(random_ids(%(doc)d, seed=1), b) for b in %(blocks)r},

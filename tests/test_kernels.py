@@ -1,4 +1,4 @@
-"""Paged-cache kernels (Triton, CUDA) against the PyTorch reference in kvfast.ops, bit for bit.
+"""Paged-cache kernels (Triton, CUDA) against the PyTorch reference in kvfast.cache.ops, bit for bit.
 
 Every test runs on every available kernel backend through the ``backend`` fixture:
 
@@ -27,9 +27,9 @@ if not HAS_CUDA:
     # other module imports it on a machine without a GPU): the kernels then run in triton's CPU interpreter.
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kvfast import ops  # noqa: E402
+from kvfast.cache import ops  # noqa: E402
 from kvfast._backend import paged_kernels  # noqa: E402
-from kvfast.paged import PagedKVCache  # noqa: E402
+from kvfast.cache.paged import PagedKVCache  # noqa: E402
 
 try:
     from kvfast import _C_cuda

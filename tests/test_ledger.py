@@ -1,4 +1,4 @@
-"""Usage ledger (kvfast.ledger): every load recorded; deleting, editing or reordering any record is detected."""
+"""Usage ledger (kvfast.trust.ledger): every load recorded; deleting, editing or reordering any record is detected."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kvfast
-from kvfast.ledger import GENESIS, Ledger, LedgerError, record_hash
+from kvfast.trust.ledger import GENESIS, Ledger, LedgerError, record_hash
 
 FP = "sha256:" + "ab" * 32
 LAYERS, HEADS, DIM = 2, 2, 8

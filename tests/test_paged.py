@@ -1,4 +1,4 @@
-"""PagedKVCache, BlockAllocator and the reference kernels in kvfast.ops: layout, exact copies, sharing.
+"""PagedKVCache, BlockAllocator and the reference kernels in kvfast.cache.ops: layout, exact copies, sharing.
 
 Copies are compared bit for bit (``.view(torch.uint8)``) on random bit patterns, so NaN payloads, -0.0 and
 subnormals must survive too. Sizes include ones that are not multiples of the block size.
@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvfast
-from kvfast import ops
+from kvfast.cache import ops
 from kvfast.errors import CacheFullError, KvfastError
-from kvfast.paged import BlockAllocator, PagedKVCache
+from kvfast.cache.paged import BlockAllocator, PagedKVCache
 from tests.conftest import ARCHITECTURES, tiny_model
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

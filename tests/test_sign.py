@@ -1,4 +1,4 @@
-"""Signed artifacts (kvfast.sign): honest files pass; every kind of change is refused, by a named error."""
+"""Signed artifacts (kvfast.trust.signing): honest files pass; every kind of change is refused, by a named error."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ import torch
 
 import kvfast
 from kvfast.errors import FormatError, KvfastError
-from kvfast.sign import (
+from kvfast.trust.signing import (
     SignatureError,
     digests,
     key_id,

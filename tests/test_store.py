@@ -22,7 +22,7 @@ from transformers.cache_utils import DynamicCache
 import kvfast
 import kvfast.store
 from kvfast.cli import main as cli_main
-from kvfast.generate import decode
+from kvfast.hf.generate import decode
 from tests.conftest import random_ids, tiny_model
 
 FP = "sha256:" + "5a" * 32  # a model fingerprint for synthetic KV
@@ -447,7 +447,7 @@ def _publisher(root: str, seed: int, failpoint: str | None, ready) -> None:
         def hook(name: str) -> None:
             if name == failpoint:
                 os.kill(os.getpid(), signal.SIGKILL)
-        kvfast.store._failpoint_hook = hook
+        kvfast.store.store._failpoint_hook = hook
     store = kvfast.Store(root)
     rng = random.Random(seed)
     tmp = Path(root).parent / f"src-{os.getpid()}"

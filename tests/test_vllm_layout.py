@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kvfast
-from kvfast.integrations.vllm_layout import KVLayoutError, KVSpec, VllmPagedKV, discover_views, layer_index
+from kvfast.integrations.vllm.layout import KVLayoutError, KVSpec, VllmPagedKV, discover_views, layer_index
 
 BLOCKS, BLOCK, HEADS, DIM = 5, 32, 2, 64
 SPEC = KVSpec(BLOCKS, BLOCK, HEADS, DIM, torch.float32)

@@ -1,7 +1,7 @@
 """Chunk codecs: how a chunk's bytes are stored (docs/FORMAT.md §7). The registry and the one dispatch point.
 
 - ``"raw"``: the decoded bytes themselves.
-- ``"expcode-v1"``: exponents Huffman-coded, sign and mantissa stored raw (:mod:`kvfast.codec.expcode`, §7.1).
+- ``"expcode-v1"``: exponents Huffman-coded, sign and mantissa stored raw (:mod:`kvfast.format.codec.expcode`, §7.1).
 - ``"expcode-v2"`` (alias ``"lossless"``): the same, and a K or V row that repeats an earlier row of its chunk is
   stored as a reference to it (§7.2).
 
@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 
 from kvfast._backend import native
-from kvfast.codec import expcode
-from kvfast.codec.errors import CodecError
+from kvfast.format.codec import expcode
+from kvfast.errors import CodecError
 from kvfast.errors import UnsupportedCodecError
 
 __all__ = ["ALIASES", "CODECS", "CodecError", "decode_chunk", "encode_chunk", "resolve"]

@@ -43,10 +43,10 @@ from transformers.cache_utils import DynamicCache
 
 from kvfast import cost
 from kvfast.errors import ModelMismatchError
-from kvfast.fingerprint import fingerprint as model_fingerprint
+from kvfast.identity import fingerprint as model_fingerprint
 from kvfast.format import KvfReader, open_kvf
-from kvfast.hf import DEFAULT_PREFILL_CHUNK, capture_kv
-from kvfast.sign import digests
+from kvfast.hf.capture import DEFAULT_PREFILL_CHUNK, capture_kv
+from kvfast.trust.signing import digests
 
 DEFAULT_SAMPLES = 8
 DEFAULT_LAYER0_SAMPLES = 460  # 1 - 0.99**460 > 0.99: a 1% edit that touches layer 0 is caught at >= 99%

@@ -17,7 +17,7 @@ point leaves either the old state or the new one:
     ROOT/.tmp/<pid>-<random>.*           files being written; gc removes those whose writer is dead
     ROOT/.locks/<xx>.lock                fcntl.flock stripes, by the document key's first two hex digits
     ROOT/.tenants/<tenant_id>/<fp>/...   a tenant's entries (Store(tenant=salt)), keys salted with HMAC
-    ROOT/LEDGER.jsonl, ROOT/LEDGER.head  the usage ledger: one hash-chained record per load (kvfast.ledger)
+    ROOT/LEDGER.jsonl, ROOT/LEDGER.head  the usage ledger: one hash-chained record per load (kvfast.trust.ledger)
 
 ``<fp>`` is the model fingerprint made file-name safe (``sha256:ab..`` -> ``sha256-ab..``) and
 ``<document_key>`` is :func:`kvfast.document_key` of the token ids with the store's ``block_tokens``.
@@ -59,14 +59,15 @@ import numpy as np
 import torch
 
 from kvfast.errors import DtypeMismatchError, FormatError, ShapeMismatchError, TokenMismatchError
-from kvfast.fingerprint import block_hashes, document_key
-from kvfast.fingerprint import fingerprint as model_fingerprint
-from kvfast.format import DTYPE_NAMES, DTYPES, KvfReader, _fsync_dir, open_kvf, save_kv
-from kvfast.hf import publish as hf_publish
-from kvfast.ledger import Ledger
-from kvfast.loader import load
-from kvfast.paged import KVSequence, PagedKVCache
-from kvfast.sign import PublicKeyLike, SignatureError, read_sidecar, sig_path, trusted_key_ids, verify_signature
+from kvfast.identity import block_hashes, document_key
+from kvfast.identity import fingerprint as model_fingerprint
+from kvfast._fs import fsync_dir as _fsync_dir
+from kvfast.format import DTYPE_NAMES, DTYPES, KvfReader, open_kvf, save_kv
+from kvfast.hf.capture import publish as hf_publish
+from kvfast.trust.ledger import Ledger
+from kvfast.load.loader import load
+from kvfast.cache.paged import KVSequence, PagedKVCache
+from kvfast.trust.signing import PublicKeyLike, SignatureError, read_sidecar, sig_path, trusted_key_ids, verify_signature
 
 STORE_VERSION = 1
 DEFAULT_BLOCK_TOKENS = 16  # tokens per hash-chain block: the granularity of prefix matches
@@ -325,7 +326,7 @@ class Store:
             the tenant's entries live in their own folder (``ROOT/.tenants/<tenant_id>/``): a store object of
             one tenant never hits, lists, counts or evicts another tenant's entries, and its lookups do not
             depend on them (no timing channel). None: the shared, unsalted namespace.
-        trusted_keys: Ed25519 public keys (see :mod:`kvfast.sign`). When given, :meth:`put` refuses a file
+        trusted_keys: Ed25519 public keys (see :mod:`kvfast.trust.signing`). When given, :meth:`put` refuses a file
             whose signature sidecar (``doc.kvf.sig``) is missing, untrusted or does not match its bytes, and
             records the verification in the entry; :meth:`attach` refuses entries not signed by one of these
             keys (or computed by a store with the model, :meth:`publish`) with :class:`SignatureError`. The
@@ -580,7 +581,7 @@ class Store:
             raise TypeError("signature= goes with a .kvf file, not (keys, values)")
         if self._trusted is not None:
             raise SignatureError(f"{self.root}: this store only takes signed artifacts; (keys, values) carry no "
-                                 "signature: save and sign them (kvfast.sign), or publish with the model")
+                                 "signature: save and sign them (kvfast.trust.signing), or publish with the model")
         if token_ids is None or fingerprint is None:
             raise TypeError("put((keys, values), ...) needs token_ids= and fingerprint=")
         keys, values = source

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvfast.errors import KvfastError
+from kvfast.errors import LedgerError
 
 LOG_NAME = "LEDGER.jsonl"
 HEAD_NAME = "LEDGER.head"
@@ -35,10 +35,6 @@ GENESIS = "0" * 64
 RECORD_FIELDS = ("seq", "time", "tenant", "fingerprint", "document", "tokens", "bytes", "tier", "seconds", "prev")
 _TAIL_BYTES = 4096  # a record is far shorter: the last one is always within this many bytes of the end
 _HEAD_BYTES = 128  # the head record, padded with spaces: one write within one disk sector
-
-
-class LedgerError(KvfastError):
-    """The ledger is unreadable or its hash chain is broken (a record edited, deleted or reordered)."""
 
 
 def record_hash(record: dict[str, Any]) -> str:

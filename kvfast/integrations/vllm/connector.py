@@ -50,9 +50,9 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvfast.errors import KvfastError
-from kvfast.fingerprint import checkpoint_fingerprint, document_key
+from kvfast.identity import checkpoint_fingerprint, document_key
 from kvfast.format import DTYPE_NAMES, open_kvf
-from kvfast.integrations.vllm_layout import (
+from kvfast.integrations.vllm.layout import (
     KVLayoutError,
     KVSpec,
     KVWriter,
@@ -60,7 +60,7 @@ from kvfast.integrations.vllm_layout import (
     discover_views,
     layer_index,
 )
-from kvfast.loader import LoadHandle, load_async
+from kvfast.load.loader import LoadHandle, load_async
 from kvfast.store import Store, StoreKey
 
 if TYPE_CHECKING:

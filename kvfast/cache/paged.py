@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvfast import ops
+from kvfast.cache import ops
 from kvfast._backend import paged_kernels
 from kvfast.errors import CacheFullError
-from kvfast.fingerprint import kv_shape
+from kvfast.identity import kv_shape
 
 
 @dataclass

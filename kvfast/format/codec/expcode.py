@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvfast.codec.errors import CodecError
+from kvfast.errors import CodecError
 
 NAMES = {"expcode-v1": False, "expcode-v2": True}  # codec name -> whether its chunks list repeated rows
 MAX_CODE_BITS = 12  # longest code; the decoder's lookup table has 2**12 entries
@@ -307,7 +307,7 @@ def parse_layout(data: np.ndarray, num_tokens: int, num_heads: int, head_dim: in
 def encode(k: np.ndarray, v: np.ndarray, itemsize: int, seg_tokens: int | None = None, repeats: bool = True) -> bytes:
     """Encode one chunk: ``k`` and ``v`` ``[t, H, head_dim]`` unsigned ints of ``itemsize`` bytes (the floats'
     bits); ``repeats``: list repeated rows (expcode-v2) or not (v1). Returns the coded bytes (§7.1), whatever their
-    length; :func:`kvfast.codec.encode_chunk` decides whether to store them or the raw chunk."""
+    length; :func:`kvfast.format.codec.encode_chunk` decides whether to store them or the raw chunk."""
     t, heads, head_dim = k.shape
     seg_tokens = default_seg_tokens(head_dim, t) if seg_tokens is None else min(seg_tokens, t)
     header = [np.array([seg_tokens], dtype="<u4").tobytes()]

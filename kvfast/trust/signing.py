@@ -30,29 +30,24 @@ import base64
 import hashlib
 import json
 import os
-import secrets
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from kvfast.errors import KvfastError
-from kvfast.format import DTYPE_NAMES, KvfReader, _fsync_dir, open_kvf, token_sha256
+from kvfast.errors import SignatureError
+from kvfast._fs import DEFAULT_THREADS, atomic_write, read_exact
+from kvfast.format import DTYPE_NAMES, KvfReader, open_kvf, token_sha256
 
 STATEMENT_VERSION = 1
 SIG_SUFFIX = ".sig"
 _DOMAIN = b"kvfast signed statement v1\0"  # signatures over statements can never pass for anything else
-_HASH_THREADS = min(4, os.cpu_count() or 1)  # hashlib releases the GIL for buffers over 2 KiB
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 PublicKeyLike = Union["Ed25519PublicKey", "Ed25519PrivateKey", str, os.PathLike, bytes]
-
-
-class SignatureError(KvfastError):
-    """An artifact is unsigned, signed by a key not trusted, or its bytes differ from what was signed."""
 
 
 # -- keys ----------------------------------------------------------------------------------------------------
@@ -92,7 +87,7 @@ def keygen(path: str | os.PathLike) -> tuple[Path, Path]:
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
     public = private.with_name(private.name + ".pub")
-    _write_atomic(public, key.public_key().public_bytes(serialization.Encoding.PEM,
+    _write_bytes(public, key.public_key().public_bytes(serialization.Encoding.PEM,
                                                         serialization.PublicFormat.SubjectPublicKeyInfo))
     return private, public
 
@@ -189,7 +184,7 @@ def digests(reader: KvfReader, *, threads: int | None = None) -> Digests:
         SignatureError: padding between chunks is not zero (§2), or the file changed size since it was opened.
     """
     chunks = reader.chunks
-    fd = os.dup(reader._fd)  # noqa: SLF001 - as kvfast.loader does, for the same reason
+    fd = os.dup(reader.fileno())
     try:
         size = os.fstat(fd).st_size
         end = chunks[-1].offset + chunks[-1].length
@@ -198,13 +193,9 @@ def digests(reader: KvfReader, *, threads: int | None = None) -> Digests:
                                  path=reader.path)
 
         def read(offset: int, length: int) -> memoryview:
-            buf = bytearray(length)
-            view, done = memoryview(buf), 0
-            while done < length:
-                n = os.preadv(fd, [view[done:]], offset + done)
-                if n == 0:
-                    raise SignatureError(f"short read at offset {offset + done}", path=reader.path)
-                done += n
+            view = memoryview(bytearray(length))
+            if not read_exact(fd, view, offset):
+                raise SignatureError(f"short read at offset {offset}", path=reader.path)
             return view
 
         def chunk_digest(i: int) -> bytes:
@@ -216,7 +207,7 @@ def digests(reader: KvfReader, *, threads: int | None = None) -> Digests:
             return hashlib.sha256(data[: c.length]).digest()
 
         header = hashlib.sha256(read(0, chunks[0].offset)).hexdigest()
-        with ThreadPoolExecutor(threads or _HASH_THREADS) as pool:
+        with ThreadPoolExecutor(threads or DEFAULT_THREADS) as pool:
             leaves = tuple(pool.map(chunk_digest, range(len(chunks))))
     finally:
         os.close(fd)
@@ -275,7 +266,7 @@ def sign(path: str | os.PathLike, key: Ed25519PrivateKey | str | os.PathLike, *,
     out = Path(output) if output is not None else sig_path(path)
     sidecar = {"statement": body, "key_id": key_id(private.public_key()),
                "signature": base64.b64encode(signature).decode()}
-    _write_atomic(out, json.dumps(sidecar, sort_keys=True, indent=1).encode() + b"\n")
+    _write_bytes(out, json.dumps(sidecar, sort_keys=True, indent=1).encode() + b"\n")
     return out
 
 
@@ -385,15 +376,5 @@ def _verify_open(reader: KvfReader, trusted: dict[str, Ed25519PublicKey],
                     found.nbytes)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename, fsync the folder (docs/FORMAT.md §10)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+def _write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))

@@ -12,7 +12,7 @@ Two paths, chosen in one place (:func:`_choose`):
   ``method="scatter"`` (the default) copies the chunk to the device and scatters it with the paged-cache
   kernel; ``"dma"`` (NHD only) copies each run of tokens straight into its page. One CUDA event per layer
   (csrc/cuda/gpu_sink.h); :meth:`LoadHandle.stream_wait_layer` makes a stream wait for a layer.
-- ``python``: the reference. pread into a staging buffer, checksum, scatter with :mod:`kvfast.ops`. Any device.
+- ``python``: the reference. pread into a staging buffer, checksum, scatter with :mod:`kvfast.cache.ops`. Any device.
 - coded files (``codec`` other than ``"raw"``, docs/FORMAT.md §7.1) take the reference path's loop with a decode
   step (``method="decode"``): each chunk's stored bytes are read and checked, then decoded into staging by the
   C++ decoder (``backend="native"``/``"auto"``, ``threads`` threads, GIL released) or the numpy reference
@@ -43,11 +43,11 @@ from kvfast.errors import (
     TokenMismatchError,
     TruncatedFileError,
 )
-from kvfast.fingerprint import fingerprint as model_fingerprint
-from kvfast.fingerprint import model_config
+from kvfast.identity import fingerprint as model_fingerprint
+from kvfast.identity import model_config
 from kvfast.format import DTYPE_NAMES, ChunkInfo, KvfReader, open_kvf
-from kvfast.paged import KVSequence, PagedKVCache
-from kvfast.sign import PublicKeyLike, verify_signature
+from kvfast.cache.paged import KVSequence, PagedKVCache
+from kvfast.trust.signing import PublicKeyLike, verify_signature
 
 BACKENDS = ("auto", "native", "python")
 HOST_METHODS = ("preadv", "mmap", "odirect")  # how the native path reads into host pages
@@ -95,7 +95,7 @@ def load(
         method: how the native path moves bytes: for host caches ``"auto"`` (= ``"preadv"``), ``"preadv"``,
             ``"mmap"`` or ``"odirect"``; for CUDA caches ``"auto"`` (= ``"scatter"``), ``"scatter"`` or
             ``"dma"``; only ``"auto"`` with ``backend="python"``.
-        trusted_keys: Ed25519 public keys (:mod:`kvfast.sign`); when given, the file must carry a signature
+        trusted_keys: Ed25519 public keys (:mod:`kvfast.trust.signing`); when given, the file must carry a signature
             sidecar (``doc.kvf.sig``) by one of them over exactly its bytes, checked (every byte hashed) before
             the load through the same open file. For repeated loads, put the file into a
             ``Store(trusted_keys=...)``, which checks once on ingest.
@@ -380,7 +380,7 @@ def _copy(reader: KvfReader, cache: PagedKVCache, slots: torch.Tensor, n: int, v
 def _decode_into_cache(reader: KvfReader, cache: PagedKVCache, chunk: ChunkInfo, slots: torch.Tensor,
                        verify: bool) -> None:
     """One coded chunk: stored bytes read and checked on the host, decoded on the cache's device into its pages."""
-    from kvfast.codec import CodecError, expcode
+    from kvfast.format.codec import CodecError, expcode
     from kvfast.kernels import expcode as expcode_kernels
 
     stored = reader.read_stored(chunk, verify=verify)

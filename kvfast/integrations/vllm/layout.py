@@ -25,18 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
-from kvfast.errors import KvfastError
-from kvfast.paged import KVSequence, PagedKVCache
+from kvfast.errors import KVLayoutError
+from kvfast.cache.paged import KVSequence, PagedKVCache
 
 # (key [T, H, D], value [T, H, D], kv_cache shaped like the layer's, slot_mapping [T] int64) -> writes like the backend
 KVWriter = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what .kvf files hold (docs/FORMAT.md)
 _CODE = 128  # probe codes are < 128, exact in every float dtype a KV cache uses (bf16 holds integers to 256)
-
-
-class KVLayoutError(KvfastError, ValueError):
-    """vLLM's KV cache has a layout kvfast does not know (backend, shape, dtype or strides); nothing is loaded."""
 
 
 @dataclass(frozen=True)
@@ -200,7 +196,7 @@ class VllmPagedKV(PagedKVCache):
     vLLM owns the memory and the blocks: this cache allocates none and frees none. A load or a save names the
     request's vLLM block ids (:meth:`sequence`, :meth:`loading_into`), and kvfast's loader, scatter and gather
     then address vLLM's pages by stride. It deliberately skips ``PagedKVCache.__init__``, which would allocate
-    storage of its own; every method kvfast's loader and :mod:`kvfast.ops` call is served from the views.
+    storage of its own; every method kvfast's loader and :mod:`kvfast.cache.ops` call is served from the views.
 
     Args:
         keys, values: per layer, ``[num_blocks, H, block_size, D]`` views (from :func:`kv_views`), layer order.

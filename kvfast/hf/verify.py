@@ -19,10 +19,10 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from kvfast.format import open_kvf
-from kvfast.generate import GenerationOutput, decode, generate
-from kvfast.hf import DEFAULT_PREFILL_CHUNK, kv_from_cache, prefill
-from kvfast.loader import load
-from kvfast.paged import PagedKVCache
+from kvfast.hf.generate import GenerationOutput, decode, generate
+from kvfast.hf.capture import DEFAULT_PREFILL_CHUNK, kv_from_cache, prefill
+from kvfast.load.loader import load
+from kvfast.cache.paged import PagedKVCache
 
 
 @dataclass

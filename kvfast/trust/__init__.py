@@ -1,0 +1,1 @@
+"""Trust across parties: signed artifacts (signing), recomputation audits (audit), the usage ledger (ledger)."""
