@@ -17,7 +17,7 @@ if not HAS_CUDA:
 
 import kvfast  # noqa: E402
 from kvfast.format import codec as codecs  # noqa: E402
-from kvfast.load import loader  # noqa: E402
+from kvfast.load import reference  # noqa: E402
 from kvfast._backend import native  # noqa: E402
 from kvfast.format.codec import CodecError  # noqa: E402
 from kvfast.errors import ChecksumError, LayoutError, UnsupportedCodecError  # noqa: E402
@@ -155,7 +155,7 @@ def test_triton_decoder_fills_the_cache_like_the_host_path(layout, codec, device
     with kvfast.open(path) as r:
         # the loaded chunks are coded, else the host path would copy them verbatim (the 6-token tail is)
         assert all(c.length < c.raw_length for c in r.chunks if c.start < num_tokens)
-        loader._copy(r, cache, slots, num_tokens, True, device_decode=True)
+        reference.copy_chunks(r, cache.pages, slots, num_tokens, True, device_decode=True)
     assert_holds(cache, seq, keys, values, num_tokens)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from kvfast.cache import ops
-from kvfast._backend import paged_kernels
+from kvfast.cache.pages import KVPages
 from kvfast.errors import CacheFullError
 from kvfast.identity import kv_shape
 
@@ -98,6 +98,8 @@ class PagedKVCache:
         page = (block_size, num_kv_heads, head_dim) if layout == "NHD" else (num_kv_heads, block_size, head_dim)
         # [num_layers, 2, num_blocks, *page]: zero-filled so no read ever sees another process's old memory
         self.storage = torch.zeros(num_layers, 2, num_blocks, *page, dtype=dtype, device=self.device)
+        self.pages = KVPages([self.storage[i, 0] for i in range(num_layers)],
+                             [self.storage[i, 1] for i in range(num_layers)], layout=layout)
         self.allocator = BlockAllocator(num_blocks)
         self._next_seq_id = 0
 
@@ -112,11 +114,11 @@ class PagedKVCache:
     # -- per-layer views (what kernels and serving stacks see) -------------------------------------------
     def key_cache(self, layer: int) -> torch.Tensor:
         """Layer ``layer``'s K pages, ``[num_blocks, block_size, H, D]`` (NHD) or ``[num_blocks, H, block_size, D]``."""
-        return self.storage[layer, 0]
+        return self.pages.keys[layer]
 
     def value_cache(self, layer: int) -> torch.Tensor:
         """Layer ``layer``'s V pages, same shape as :meth:`key_cache`."""
-        return self.storage[layer, 1]
+        return self.pages.values[layer]
 
     @property
     def num_free_blocks(self) -> int:
@@ -127,7 +129,7 @@ class PagedKVCache:
         return self.num_blocks - self.allocator.num_free
 
     def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return self.pages.blocks_for(num_tokens)
 
     # -- sequences --------------------------------------------------------------------------------------
     def new_sequence(self) -> KVSequence:
@@ -164,9 +166,7 @@ class PagedKVCache:
         stop = seq.num_tokens if stop is None else stop
         if not 0 <= start <= stop <= seq.num_tokens:
             raise IndexError(f"positions {start}:{stop} outside the sequence's {seq.num_tokens} tokens")
-        pos = torch.arange(start, stop, dtype=torch.long)
-        table = torch.tensor(seq.block_table, dtype=torch.long)
-        return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.device)
+        return self.pages.slot_mapping(seq.block_table, start, stop)
 
     def fork(self, seq: KVSequence, num_tokens: int | None = None) -> KVSequence:
         """A new sequence sharing ``seq``'s blocks (no copy); either may then grow independently.
@@ -200,12 +200,7 @@ class PagedKVCache:
     # -- data -------------------------------------------------------------------------------------------
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write ``k``, ``v`` (``[n, H, D]``, the cache's dtype) of layer ``layer`` at ``slot_mapping`` (-1 skips)."""
-        if k.dtype != self.dtype or v.dtype != self.dtype:
-            raise TypeError(f"K/V dtype {k.dtype}/{v.dtype} differs from the cache's {self.dtype}; kvfast never "
-                            "converts KV silently")
-        # Slots may come from the host; the GPU kernels (unlike torch indexing) need them on the cache's device.
-        self._kernels().scatter_kv(k, v, self.key_cache(layer), self.value_cache(layer), slot_mapping.to(self.device),
-                                   layout=self.layout)
+        self.pages.write(layer, slot_mapping, k, v)
 
     def gather(self, seq: KVSequence, layer: int, start: int = 0,
                stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,14 +208,7 @@ class PagedKVCache:
         stop = seq.num_tokens if stop is None else stop
         if not 0 <= start <= stop <= seq.num_tokens:
             raise IndexError(f"positions {start}:{stop} outside the sequence's {seq.num_tokens} tokens")
-        table = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
-        k, v = self._kernels().gather_kv(self.key_cache(layer), self.value_cache(layer), table, stop,
-                                         layout=self.layout)
-        return k[start:], v[start:]
-
-    def _kernels(self) -> Any:
-        # CPU caches stay on the PyTorch reference; CUDA caches use the GPU kernels kvfast._backend picks.
-        return ops if self.device.type != "cuda" else paged_kernels(self.device)[1]
+        return self.pages.gather(layer, seq.block_table, stop, start)
 
     def __repr__(self) -> str:
         return (f"PagedKVCache(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "

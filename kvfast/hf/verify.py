@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicCache
 from kvfast.format import open_kvf
 from kvfast.hf.generate import GenerationOutput, decode, generate
 from kvfast.hf.capture import DEFAULT_PREFILL_CHUNK, kv_from_cache, prefill
-from kvfast.load.loader import load
+from kvfast.load import load
 from kvfast.cache.paged import PagedKVCache
 
 

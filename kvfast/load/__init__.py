@@ -1,5 +1,7 @@
-"""File → staging → pages: the one compatibility check, the native and reference copy jobs, ``load_into`` (pages the
-caller owns), ``load`` (allocate, then ``load_into``) and the asynchronous handle."""
-from kvfast.load.loader import LoadHandle, load, load_async
+"""File → staging → pages: the one compatibility check (compat), the native and reference copy jobs (native,
+reference), the handle of a load in progress (handle), and the calls (api): ``load_into`` fills pages the caller
+owns, ``load`` and ``load_async`` allocate a sequence and then ``load_into``."""
+from kvfast.load.api import load, load_async, load_into
+from kvfast.load.handle import LoadHandle
 
-__all__ = ["LoadHandle", "load", "load_async"]
+__all__ = ["LoadHandle", "load", "load_async", "load_into"]

@@ -65,7 +65,7 @@ from kvfast._fs import fsync_dir as _fsync_dir
 from kvfast.format import DTYPE_NAMES, DTYPES, KvfReader, open_kvf, save_kv
 from kvfast.hf.capture import publish as hf_publish
 from kvfast.trust.ledger import Ledger
-from kvfast.load.loader import load
+from kvfast.load import load
 from kvfast.cache.paged import KVSequence, PagedKVCache
 from kvfast.trust.signing import PublicKeyLike, SignatureError, read_sidecar, sig_path, trusted_key_ids, verify_signature
 

@@ -60,7 +60,7 @@ from kvfast.integrations.vllm.layout import (
     discover_views,
     layer_index,
 )
-from kvfast.load.loader import LoadHandle, load_async
+from kvfast.load import LoadHandle, load_async
 from kvfast.store import Store, StoreKey
 
 if TYPE_CHECKING:

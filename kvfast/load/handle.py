@@ -1,0 +1,109 @@
+"""A load in progress: per-layer readiness, CUDA stream ordering, and the one place a failed load gives back
+what it was given (the blocks :func:`kvfast.load` allocated)."""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+from kvfast.cache.paged import KVSequence
+from kvfast.load.native import GpuJob
+
+
+class CopyJob(Protocol):
+    """What runs a load: :class:`kvfast.load.native.NativeJob`, ``GpuJob`` or :class:`kvfast.load.reference.PythonJob`."""
+
+    def finished(self) -> bool: ...
+    def failed(self) -> bool: ...
+    def layer_ready(self, layer: int) -> bool: ...
+    def wait_layer(self, layer: int, timeout: float | None) -> bool: ...
+    def wait(self, timeout: float | None) -> bool: ...
+    def exception(self) -> BaseException | None: ...
+
+
+class LoadHandle:
+    """A load in progress (from :func:`kvfast.load_async` or :func:`kvfast.load_into`).
+
+    Attributes:
+        sequence: the :class:`KVSequence` being filled (:func:`kvfast.load_async`), or None for a load into pages
+            the caller owns (:func:`kvfast.load_into`).
+        num_tokens: tokens being loaded (the first ``num_tokens`` of the document).
+        backend: ``"native"`` or ``"python"``.
+        method: the native read method (``"preadv"``, ``"mmap"``, ``"odirect"``, ``"scatter"``, ``"dma"``),
+            ``"python"``, or ``"decode"`` for a coded file (its chunks decoded on the host, or by the Triton decoder
+            for CUDA pages).
+    """
+
+    def __init__(self, job: CopyJob, *, num_layers: int, num_tokens: int, backend: str, method: str,
+                 device: torch.device, sequence: KVSequence | None = None,
+                 on_failure: Callable[[], None] | None = None):
+        self.sequence, self.num_tokens, self.backend, self.method = sequence, num_tokens, backend, method
+        self._job, self._num_layers, self._device, self._on_failure = job, num_layers, device, on_failure
+        self._lock = threading.Lock()
+        self._settled = False
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        """Whether the load has finished, successfully or not (``wait()`` then returns at once)."""
+        return self._job.finished()
+
+    def layer_ready(self, layer: int) -> bool:
+        """Whether layer ``layer``'s K and V are all in the pages, checked. Raises the load's error once it failed."""
+        self._check_layer(layer)
+        if self._job.failed():
+            self.wait()
+        return self._job.layer_ready(layer)
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> None:
+        """Block until layer ``layer`` is ready; raises the load's error if it failed, ``TimeoutError`` after
+        ``timeout`` seconds."""
+        self._check_layer(layer)
+        if not self._job.wait_layer(layer, timeout):
+            raise TimeoutError(f"layer {layer} not loaded within {timeout} s")
+        if self._job.failed():
+            self.wait()
+
+    def stream_wait_layer(self, layer: int, stream: Any | None = None) -> None:
+        """Make ``stream`` (default: the current CUDA stream of the pages' device) wait until layer ``layer`` is
+        in the pages, without blocking the host on the copy, so that layer's attention can be enqueued at once.
+
+        The host waits only until the layer's chunks are read, checked and enqueued. For host pages and the
+        Python path this is :meth:`wait_layer`. Raises the load's error if it failed.
+        """
+        self._check_layer(layer)
+        if isinstance(self._job, GpuJob):
+            stream = torch.cuda.current_stream(self._device) if stream is None else stream
+            ok = self._job.stream_wait_layer(layer, stream)
+        else:
+            ok = self._job.wait_layer(layer, None) and not self._job.failed()
+        if not ok:
+            self.wait()
+
+    def wait(self, timeout: float | None = None) -> KVSequence | None:
+        """Block until the whole load is done and return :attr:`sequence`.
+
+        Raises the load's error (after giving back what the load allocated: the cache is as before the load), or
+        ``TimeoutError`` after ``timeout`` seconds (the load goes on).
+        """
+        if not self._job.wait(timeout):
+            raise TimeoutError(f"load not finished within {timeout} s")
+        with self._lock:
+            if not self._settled:
+                self._settled = True
+                self._error = self._job.exception()
+                if self._error is not None and self._on_failure is not None:
+                    self._on_failure()
+        if self._error is not None:
+            raise self._error
+        return self.sequence
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self._num_layers:
+            raise IndexError(f"layer {layer} out of range [0, {self._num_layers})")
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "loading"
+        target = f"seq={self.sequence.seq_id}" if self.sequence is not None else "caller's pages"
+        return f"LoadHandle({target}, {self.num_tokens} tokens, {self.backend}/{self.method}, {state})"
