@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 import kvfast
-import kvfast.store
+import kvfast.store.tiers.disk
 from kvfast.cli import main as cli_main
 from kvfast.hf.generate import decode
 from tests.conftest import random_ids, tiny_model
@@ -447,7 +447,7 @@ def _publisher(root: str, seed: int, failpoint: str | None, ready) -> None:
         def hook(name: str) -> None:
             if name == failpoint:
                 os.kill(os.getpid(), signal.SIGKILL)
-        kvfast.store.store._failpoint_hook = hook
+        kvfast.store.tiers.disk._failpoint_hook = hook
     store = kvfast.Store(root)
     rng = random.Random(seed)
     tmp = Path(root).parent / f"src-{os.getpid()}"

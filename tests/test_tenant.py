@@ -116,9 +116,9 @@ def test_lookups_never_touch_another_tenants_folders(tmp_path):
     b = kvfast.Store(tmp_path, tenant=SALT_B)
     assert b.match(FP, ids) is None and b.list() == [] and b.stats().entries == 0
     # B's lookup work is the same whether or not A holds the document: its index holds only B's folders.
-    assert all(idx.entries == {} for idx in b._dirs.values())
+    assert all(idx.entries == {} for idx in b.disk.index._dirs.values())
     assert {p.name for p in (tmp_path / ".tenants").iterdir()} == {a.tenant_id, b.tenant_id}
-    assert not any(b._data.iterdir())
+    assert not any(b.disk.data.iterdir())
 
 
 def test_evictions_only_see_the_tenants_own_entries(tmp_path):

@@ -59,6 +59,14 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise ValueError(f"dtype {dtype} is not supported; use one of {sorted(DTYPES)}") from None
 
 
+def token_array(token_ids: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+    """Token ids as a flat ``[n]`` int64 array: the one normalisation every caller's ids go through (hashing and
+    comparing it is far cheaper than a Python list)."""
+    if isinstance(token_ids, torch.Tensor):
+        token_ids = token_ids.detach().cpu().numpy()
+    return np.asarray(token_ids, dtype=np.int64).reshape(-1)
+
+
 def token_bytes(token_ids: Sequence[int] | np.ndarray | torch.Tensor) -> bytes:
     """Token ids as the file stores them (§5): u32 little-endian. Raises ``ValueError`` outside [0, 2**32)."""
     if isinstance(token_ids, torch.Tensor):

@@ -23,6 +23,28 @@ class CopyJob(Protocol):
     def exception(self) -> BaseException | None: ...
 
 
+class CompletedJob:
+    """A copy that already happened (e.g. from a store's RAM tier): every layer ready, no error."""
+
+    def finished(self) -> bool:
+        return True
+
+    def failed(self) -> bool:
+        return False
+
+    def layer_ready(self, layer: int) -> bool:
+        return True
+
+    def wait_layer(self, layer: int, timeout: float | None) -> bool:
+        return True
+
+    def wait(self, timeout: float | None) -> bool:
+        return True
+
+    def exception(self) -> BaseException | None:
+        return None
+
+
 class LoadHandle:
     """A load in progress (from :func:`kvfast.load_async` or :func:`kvfast.load_into`).
 
@@ -44,6 +66,16 @@ class LoadHandle:
         self._lock = threading.Lock()
         self._settled = False
         self._error: BaseException | None = None
+        self._callbacks: list[Callable[[BaseException | None], None]] = []
+
+    def add_done_callback(self, fn: Callable[[BaseException | None], None]) -> None:
+        """Call ``fn(error)`` once the load is settled by :meth:`wait` (``error`` None on success); at once if it
+        already was."""
+        with self._lock:
+            if not self._settled:
+                self._callbacks.append(fn)
+                return
+        fn(self._error)
 
     def done(self) -> bool:
         """Whether the load has finished, successfully or not (``wait()`` then returns at once)."""
@@ -90,11 +122,15 @@ class LoadHandle:
         if not self._job.wait(timeout):
             raise TimeoutError(f"load not finished within {timeout} s")
         with self._lock:
+            callbacks = []
             if not self._settled:
                 self._settled = True
                 self._error = self._job.exception()
                 if self._error is not None and self._on_failure is not None:
                     self._on_failure()
+                callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self._error)
         if self._error is not None:
             raise self._error
         return self.sequence

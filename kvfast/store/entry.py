@@ -1,0 +1,130 @@
+"""What a store holds and reports: keys, entries, matches, counters, and the grammar of names that reach paths."""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+TIERS = ("device", "ram", "disk")
+KEY_RE = re.compile(r"[0-9a-f]{64}")  # a document key or block hash: SHA-256, lowercase hex
+_FP_RE = re.compile(r"([a-z0-9]{1,16}):([0-9a-f]{16,128})")
+
+
+def fp_dirname(fp: str) -> str:
+    """A file-name-safe, injective folder name for a fingerprint."""
+    m = _FP_RE.fullmatch(fp)
+    if m:
+        return f"{m[1]}-{m[2]}"
+    return "fp-" + hashlib.sha256(fp.encode()).hexdigest()
+
+
+# -- identity ---------------------------------------------------------------------------------------------
+class StoreKey(NamedTuple):
+    """What a store entry is keyed by: the model that made the KV and the document it holds."""
+
+    fingerprint: str  # kvfast.fingerprint(model)
+    document: str  # kvfast.document_key(token_ids, block_tokens), 64 hex digits
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    """One stored document, as its sidecar describes it.
+
+    Attributes:
+        key: (fingerprint, document key).
+        path: the .kvf file.
+        num_tokens: document length.
+        num_layers, num_kv_heads, head_dim, dtype: the KV's shape and dtype name (``"bfloat16"``...).
+        kv_bytes: bytes of K and V over all layers (what a full load moves).
+        file_bytes: size of the .kvf file.
+        created: publish time (seconds since the epoch).
+        block_hashes: the hash chain over the document's full blocks (``num_tokens // block_tokens`` hex).
+        provenance: ``"signed:<key id>"`` (its signature was verified on ingest), ``"prefill"`` (this store
+            computed it with the model) or ``"unsigned"``.
+    """
+
+    key: StoreKey
+    path: Path
+    num_tokens: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    kv_bytes: int
+    file_bytes: int
+    created: float
+    block_hashes: tuple[str, ...] = field(repr=False)
+    provenance: str = "unsigned"
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.kv_bytes // self.num_tokens
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fingerprint": self.key.fingerprint, "document_key": self.key.document, "path": str(self.path),
+                "num_tokens": self.num_tokens, "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "dtype": self.dtype, "kv_bytes": self.kv_bytes,
+                "file_bytes": self.file_bytes, "created": self.created, "provenance": self.provenance}
+
+
+@dataclass(frozen=True)
+class StoreMatch:
+    """The result of :meth:`Store.match`: the stored document sharing the longest prefix with a prompt.
+
+    Attributes:
+        entry: the document.
+        num_tokens: how many leading prompt tokens it covers: a multiple of ``block_tokens``, or the whole
+            document when the prompt starts with all of it (its trailing partial block included).
+    """
+
+    entry: StoreEntry
+    num_tokens: int
+
+
+@dataclass
+class StoreStats:
+    """Counters of one :class:`Store` object (this process) and the sizes of its tiers.
+
+    Attributes:
+        entries, disk_bytes, disk_budget: documents on disk (all processes), their .kvf bytes, the budget.
+        ram_entries, ram_bytes, ram_budget: the host RAM tier of this process.
+        device_documents, device_blocks, device_bytes, device_budget: resident roots over all caches, the
+            blocks and bytes they hold, and the per-cache block budget (None: the cache's capacity).
+        attaches: calls of :meth:`Store.attach`; loads_served: those that reused at least one token;
+            misses: those that reused none.
+        hits: loads served per tier the prefix came from.
+        bytes_read: per tier, KV bytes served: "device" is shared without a copy, "ram" copied from host
+            RAM, "disk" read from .kvf files.
+        tokens_reused: prompt tokens attached instead of prefilled.
+        prefill_flops_saved: ``2 * num_parameters * tokens_reused`` over attaches given a model (the usual
+            forward-pass estimate: 2 FLOPs per parameter per token; attention-score FLOPs left out).
+        evictions: per tier. puts, duplicate_puts: publishes that wrote, and no-op repeats.
+        corrupt: entries found unreadable and set aside (their sidecar removed).
+    """
+
+    entries: int = 0
+    disk_bytes: int = 0
+    disk_budget: int | None = None
+    ram_entries: int = 0
+    ram_bytes: int = 0
+    ram_budget: int = 0
+    device_documents: int = 0
+    device_blocks: int = 0
+    device_bytes: int = 0
+    device_budget: int | None = None
+    attaches: int = 0
+    loads_served: int = 0
+    misses: int = 0
+    hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    bytes_read: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    tokens_reused: int = 0
+    prefill_flops_saved: float = 0.0
+    evictions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    puts: int = 0
+    duplicate_puts: int = 0
+    corrupt: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)

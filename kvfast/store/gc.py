@@ -1,0 +1,112 @@
+"""Keeping the root clean and within its disk budget: temp files of dead writers, orphaned .kvf files (a publish
+cut short), invalid sidecars, corrupted files, and least recently used entries over ``disk_bytes``."""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kvfast._fs import pid_alive
+from kvfast.errors import FormatError
+from kvfast.format import open_kvf
+from kvfast.store.entry import KEY_RE, StoreKey
+
+if TYPE_CHECKING:
+    from kvfast.store.store import Store
+
+_TMP_RE = re.compile(r"\.?(\d+)-")
+_TMP_MAX_AGE_S = 24 * 3600  # a temp file this old is dead even if its pid was reused by a live process
+
+
+def enforce_disk_budget(store: Store, protect: frozenset[StoreKey] = frozenset()) -> int:
+    """Remove least recently used entries (by .kvf mtime) until the .kvf files fit ``store.disk_budget``; entries
+    an agent shares in a cache, and ``protect``, stay. Returns how many were removed."""
+    if store.disk_budget is None:
+        return 0
+    sized = sorted(store.disk.entries_by_age(), key=lambda t: t[0])
+    total = sum(e.file_bytes for _, e in sized)
+    removed = 0
+    for _, e in sized:
+        if total <= store.disk_budget:
+            break
+        if e.key in protect or store.in_use(e.key):
+            continue
+        if store.remove(e.key):
+            removed += 1
+            store.count_eviction("disk")
+        total -= e.file_bytes
+    return removed
+
+
+def collect(store: Store, *, verify: bool = False) -> dict[str, int]:
+    """:meth:`kvfast.Store.gc`: clean the root, then enforce the disk budget; returns the counts."""
+    disk = store.disk
+    report = dict.fromkeys(("temp_files", "orphans", "corrupt", "evicted"), 0)
+    now = time.time()
+    for p in disk.tmp.iterdir():
+        m = _TMP_RE.match(p.name)
+        pid = int(m[1]) if m else None
+        if pid == os.getpid():
+            continue  # ours: another thread may be writing it
+        with contextlib.suppress(FileNotFoundError):
+            if pid is None or not pid_alive(pid) or now - p.stat().st_mtime > _TMP_MAX_AGE_S:
+                p.unlink()
+                report["temp_files"] += 1
+    for folder in [disk.data / d for d in disk.index.dirnames()]:
+        for p in sorted(folder.iterdir()):
+            doc, ext = p.stem, p.suffix
+            if not KEY_RE.fullmatch(doc) or ext not in (".kvf", ".json"):
+                continue
+            kvf, side = folder / f"{doc}.kvf", folder / f"{doc}.json"
+            if ext == ".kvf":
+                if side.exists():
+                    continue
+                with disk.flock(doc[:2]):  # a publisher holds this between its two renames
+                    if kvf.exists() and not side.exists():
+                        kvf.unlink()
+                        report["orphans"] += 1
+                continue
+            # Checking a file can take long: do it unlocked, then delete only if nothing changed since.
+            seen = (_inode(side), _inode(kvf))
+            if _sound(store, folder, doc, verify):
+                continue
+            with disk.flock(doc[:2]):
+                if (_inode(side), _inode(kvf)) == seen and seen[0] is not None:
+                    side.unlink()
+                    kvf.unlink(missing_ok=True)
+                    report["corrupt"] += 1
+    report["evicted"] = enforce_disk_budget(store)
+    entries = store.list()
+    report["entries"] = len(entries)
+    report["disk_bytes"] = sum(e.file_bytes for e in entries)
+    return report
+
+
+def _sound(store: Store, folder: Path, doc: str, verify: bool) -> bool:
+    """Whether an entry's sidecar is valid and (with ``verify``) its file checks out in full."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        entry = store.disk.index.read_sidecar(folder, doc)
+    if entry is None:
+        return not (folder / f"{doc}.json").exists()  # gone meanwhile: nothing to clean
+    if not verify:
+        return True
+    try:
+        with open_kvf(entry.path) as r:
+            r.verify()
+            return r.manifest.fingerprint == entry.key.fingerprint and store.document_key(r.token_ids) == doc
+    except FileNotFoundError:
+        return not (folder / f"{doc}.json").exists()
+    except FormatError:
+        return False
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
