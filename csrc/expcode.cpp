@@ -285,8 +285,8 @@ struct Tables {
 };
 
 // `multi` takes 3 dependent lookups per entry to fill and saves 2 of 3 lookups per symbol decoded: worth it from
-// this many symbols per table entry (measured: head_dim-128 planes 1.25x faster with it, head_dim-8 ones slower
-// below 4).
+// this many symbols per table entry (bench/bench_codec.py: head_dim-128 planes decode faster with it, head_dim-8
+// ones slower below 4).
 constexpr int64_t kMultiMinSymbolsPerEntry = 4;
 
 // A plane's code lengths as its table stores them: symbols [first, last], the longest length `bits`.

@@ -3,7 +3,7 @@
 The public API (see README.md). Everything here is re-exported from the module that implements it.
 """
 from kvfast._backend import backend
-from kvfast.cache import KVSequence, PagedKVCache
+from kvfast.cache import KVPages, KVSequence, PagedKVCache
 from kvfast.errors import (
     CacheFullError,
     ChecksumError,
@@ -16,6 +16,7 @@ from kvfast.errors import (
     ManifestError,
     ModelMismatchError,
     NotKvfError,
+    PagesError,
     ShapeMismatchError,
     SignatureError,
     TokenMismatchError,
@@ -27,7 +28,7 @@ from kvfast.format import KvfReader, Manifest, save_kv
 from kvfast.format import open_kvf as open  # noqa: A001 - kvfast.open mirrors safetensors.safe_open
 from kvfast.hf import GenerationOutput, PagedCache, VerifyReport, capture_kv, extend, generate, publish, verify
 from kvfast.identity import block_hashes, checkpoint_fingerprint, document_key, fingerprint
-from kvfast.load import load, load_async
+from kvfast.load import LoadHandle, load, load_async, load_into
 from kvfast.store import Store, StoreEntry, StoreKey, StoreMatch, StoreStats
 from kvfast.trust.audit import AuditReport, audit
 from kvfast.trust.ledger import Ledger
@@ -37,11 +38,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CacheFullError", "ChecksumError", "CodecError", "DtypeMismatchError", "FormatError", "GenerationOutput", "KVSequence",
-    "KvfReader", "KvfastError", "LayoutError", "Manifest", "ManifestError", "ModelMismatchError", "NotKvfError",
-    "PagedCache", "PagedKVCache", "ShapeMismatchError", "Store", "StoreEntry", "StoreKey", "StoreMatch",
+    "KVPages", "KvfReader", "KvfastError", "LoadHandle", "LayoutError", "Manifest", "ManifestError", "ModelMismatchError", "NotKvfError",
+    "PagedCache", "PagedKVCache", "PagesError", "ShapeMismatchError", "Store", "StoreEntry", "StoreKey", "StoreMatch",
     "StoreStats", "TokenMismatchError", "TruncatedFileError",
     "UnsupportedCodecError", "UnsupportedVersionError", "VerifyReport", "backend", "block_hashes", "capture_kv",
-    "checkpoint_fingerprint", "document_key", "extend", "fingerprint", "generate", "load", "load_async", "open",
+    "checkpoint_fingerprint", "document_key", "extend", "fingerprint", "generate", "load", "load_async", "load_into", "open",
     "publish", "save_kv", "verify",
     "AuditReport", "Ledger", "LedgerError", "SignatureError", "audit", "keygen", "sign", "verify_signature",
 ]

@@ -84,9 +84,8 @@ _weights_cache: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]] = 
 def _probes(params: list[tuple[str, torch.Tensor]]) -> tuple[bytes, ...]:
     """Up to ``_PROBE`` evenly spaced elements of each parameter, its last included: their bytes, concatenated per
     (device, dtype), so that a check costs one gather and one copy to the host per group rather than per
-    parameter (on a GPU, one sync instead of one per parameter). With 512 elements, not 4096, a cached check of
-    Qwen3-0.6B's 310 parameters takes 4.3 ms instead of 7.3 on this machine's CPU; any rewrite of a whole
-    tensor still changes them."""
+    parameter (on a GPU, one sync instead of one per parameter). 512 elements keep a cached check cheap
+    (bench/bench_store.py times it); any rewrite of a whole tensor still changes them."""
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for _, p in params:
         flat = p.detach().reshape(-1)

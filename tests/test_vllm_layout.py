@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import kvfast
-from kvfast.integrations.vllm.layout import KVLayoutError, KVSpec, VllmPagedKV, discover_views, layer_index
+from kvfast.cache.pages import KVPages
+from kvfast.errors import PagesError
+from kvfast.integrations.vllm.layout import KVLayoutError, KVSpec, discover_views, layer_index
 
 BLOCKS, BLOCK, HEADS, DIM = 5, 32, 2, 64
 SPEC = KVSpec(BLOCKS, BLOCK, HEADS, DIM, torch.float32)
@@ -93,30 +95,31 @@ def test_load_into_vllm_pages_equals_backend_write(tmp_path, name, make, writer,
     views = [discover_views(f"model.layers.{i}.attn", caches[i], SPEC, writer) for i in range(layers)]
     if backend == "native" and any(t.stride(-1) != 1 for pair in views for t in pair):
         pytest.skip("the native reader needs contiguous rows of D (the connector picks the Python path)")
-    paged = VllmPagedKV([kk for kk, _ in views], [vv for _, vv in views])
+    pages = KVPages([kk for kk, _ in views], [vv for _, vv in views], layout="HND")
     n = 3 * BLOCK + 7  # a partial last block, on purpose
     order = [4, 0, 2, 1]  # the request's vLLM blocks, not in order
     slot_of = torch.tensor([order[t // BLOCK] * BLOCK + t % BLOCK for t in range(n)])
     kvfast.save_kv(tmp_path / "d.kvf", [k[:n]] * layers, [v[:n]] * layers, list(range(n)), fingerprint=FP,
                    chunk_tokens=64)
-    with paged.loading_into(order):
-        seq = kvfast.load(tmp_path / "d.kvf", paged, fingerprint=FP, backend=backend)
-    assert seq.num_tokens == n and seq.block_table == order
+    handle = kvfast.load_into(tmp_path / "d.kvf", pages, order, fingerprint=FP, backend=backend)
+    assert handle.num_tokens == n and handle.backend == backend and handle.sequence is None
     reference = make()
     writer(k[:n], v[:n], reference, slot_of)
     for cache in caches:
         assert torch.equal(cache, reference)
-    gk, gv = paged.gather(paged.sequence(order, n), 1)
+    gk, gv = pages.gather(1, order, n)
     assert torch.equal(gk, k[:n]) and torch.equal(gv, v[:n])
 
 
-def test_vllm_pages_refuse_to_allocate() -> None:
+def test_vllm_pages_refuse_too_few_blocks_before_writing(tmp_path) -> None:
     views = discover_views("model.layers.0.attn", cpu_tensor(), SPEC, cpu_vec_writer)
-    paged = VllmPagedKV([views[0]], [views[1]])
-    with pytest.raises(RuntimeError, match="loading_into"):
-        paged.new_sequence()
-    with paged.loading_into([0]), pytest.raises(ValueError, match="do not fit"):
-        paged.append_slots(paged.new_sequence(), BLOCK + 1)
+    pages = KVPages([views[0]], [views[1]], layout="HND")
+    _, k, v = written(cpu_vec_writer, cpu_tensor)
+    kvfast.save_kv(tmp_path / "d.kvf", [k[: BLOCK + 1]], [v[: BLOCK + 1]], list(range(BLOCK + 1)), fingerprint=FP)
+    before = views[0].clone()
+    with pytest.raises(PagesError, match="need 2 blocks"):
+        kvfast.load_into(tmp_path / "d.kvf", pages, [0], fingerprint=FP)
+    assert torch.equal(views[0], before)
 
 
 # -- refusals ------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Reference implementations of the paged-cache kernels: slow, clear, exact.
 
-They are the test oracle for the Triton and CUDA kernels and the path used on the CPU. Layouts (§ "paged
-cache" of DESIGN.md), per layer:
+They are the test oracle for the Triton and CUDA kernels and the path used on the CPU. Layouts
+(kvfast/cache/pages.py), per layer:
 
     NHD  [num_blocks, block_size, num_kv_heads, head_dim]   vLLM's FlashAttention backend
     HND  [num_blocks, num_kv_heads, block_size, head_dim]   FlashInfer's other layout

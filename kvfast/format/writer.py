@@ -46,7 +46,7 @@ def save_kv(
     model_config: Mapping[str, Any] | None = None,
     tokenizer: str | None = None,
     metadata: Mapping[str, str] | None = None,
-) -> Path:
+) -> Path:  # long: the format's write path, top to bottom in the order of docs/FORMAT.md
     """Write a document's KV cache as a .kvf file, atomically.
 
     Args:

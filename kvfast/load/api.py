@@ -153,7 +153,10 @@ def load_into(source: Source, pages: KVPages | PagedKVCache, block_ids: Sequence
         if owned:
             reader.close()
         raise
-    return _run(reader, owned, pages, table, n, verify, threads, backend, method, blocking=blocking)
+    handle = _run(reader, owned, pages, table, n, verify, threads, backend, method, blocking=blocking)
+    if blocking:
+        handle.wait()  # raises the load's error
+    return handle
 
 
 def _load(path: Source, cache: PagedKVCache, model: Any | None, fingerprint: str | None, num_tokens: int | None,

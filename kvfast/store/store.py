@@ -1,6 +1,6 @@
 """Provider-side KV store: publish a document's KV once, serve many agents from shared blocks.
 
-The data's path (DESIGN.md §7), and the module that handles each step:
+The data's path, and the module that handles each step:
 
     put:     source ──write, fsync──▶ ROOT/.tmp/x ──[key lock]── rename ──▶ <fp>/<key>.kvf ──▶ <fp>/<key>.json
                                                                             (tiers/disk.py; index.py reads sidecars)
@@ -263,7 +263,8 @@ class Store:
         kind, _, kid = entry.provenance.partition(":")
         return kind == "signed" and kid in self._trusted
 
-    def _check_trusted(self, entry: StoreEntry) -> None:
+    def check_trusted(self, entry: StoreEntry) -> None:
+        """Raise :class:`SignatureError` unless this store may serve ``entry`` (its ``trusted_keys`` policy)."""
         if not self._trusts(entry):
             raise SignatureError(f"entry is {entry.provenance}, not signed by a trusted key; put it again with its "
                                  "signature", path=entry.path)
@@ -410,7 +411,7 @@ class Store:
                 e = m.entry
                 check_fits((e.num_layers, e.num_kv_heads, e.head_dim), DTYPES[e.dtype], cache.pages.kv_shape,
                            cache.dtype, model=model, path=e.path)
-                self._check_trusted(e)
+                self.check_trusted(e)
                 try:
                     root, tier, owned = self._resident(e, cache, verify)
                 except FileNotFoundError:
@@ -442,7 +443,8 @@ class Store:
         """Load the first ``len(token_ids)`` tokens of a stored document into pages the caller owns (a serving
         engine's), at ``block_ids``: :func:`kvfast.load_into` with the store's guarantees. The entry must be
         trusted (``trusted_keys``), its tokens must be ``token_ids``, the bytes come from the RAM tier when the
-        document is there (else from disk), and the load is recorded in the usage ledger once it has landed.
+        document is there, else from disk (read through the RAM tier when the document fits its budget, so the
+        next load is one copy from memory), and the load is recorded in the usage ledger once it has landed.
 
         Raises:
             KeyError: no entry under ``key``.
@@ -460,8 +462,10 @@ class Store:
             entry = self.disk.index.get(key)
             if entry is None:
                 raise KeyError(f"{self.root}: no entry {key.document[:16]}... for model {key.fingerprint[:19]}...")
-            self._check_trusted(entry)
-            ram = self.ram.get(key)
+            self.check_trusted(entry)
+            ram, tier = self.ram.get(key), "ram"
+            if ram is None and self.ram.fits(entry, pages):
+                ram, tier = self.ram.read(entry, pages, verify), "disk"  # read through: next time from RAM
             if ram is not None:
                 check_fits((entry.num_layers, entry.num_kv_heads, entry.head_dim), DTYPES[entry.dtype],
                            pages.kv_shape, pages.dtype, path=entry.path)
@@ -470,10 +474,10 @@ class Store:
                                              path=entry.path)
                 table = pages.check_block_ids(block_ids, len(ids))
                 self.ram.copy_into(ram, pages, table, len(ids))
-                self._served(entry, "ram", len(ids), key.fingerprint, time.perf_counter() - started,
+                self._served(entry, tier, len(ids), key.fingerprint, time.perf_counter() - started,
                              len(ids) * entry.bytes_per_token)
                 return LoadHandle(CompletedJob(), num_layers=pages.num_layers, num_tokens=len(ids), backend="native",
-                                  method="ram", device=pages.device)
+                                  method=tier, device=pages.device)
 
         def record(error: BaseException | None) -> None:
             if error is None:

@@ -8,7 +8,7 @@ One JSON object per line in ``ROOT/LEDGER.jsonl``:
 ``hash = SHA-256(prev || canonical JSON of the record without "hash")`` and ``prev`` is the previous record's
 hash (64 zeros for the first), so editing, deleting or reordering any record breaks the chain at that point.
 Deleting records at the end keeps a valid chain, so each append also rewrites ``ROOT/LEDGER.head`` (count and
-last hash, one fixed-size ``pwrite`` in place: a rename costs ~150 us on ext4, the write ~7): ``verify`` finds a
+last hash, one fixed-size ``pwrite`` in place, far cheaper than a rename): ``verify`` finds a
 log shorter than its head. Someone who can rewrite both files can
 rewrite history; a publisher who keeps the head ``verify`` printed (``expect_head``) detects that too.
 

@@ -4,8 +4,10 @@
 
 SPEC: {"model": dir, "dtype": "float32", "kv": null or kv_transfer_config dict, "kv_cache_dtype": "auto",
        "prefix_caching": true, "max_num_batched_tokens": null (vLLM's default) or tokens per step,
-       "prompts": [[ids], ...], "max_tokens": 32, "logprobs": 5}
-OUT:  {"start_s": s, "results": [{"tokens", "logprobs": [{id: logprob}], "kv_transfer_params", "wall_s"}]}
+       "prompts": [[ids], ...], "max_tokens": 32, "logprobs": 5, "inproc": false}
+OUT:  {"start_s": s, "results": [{"tokens", "logprobs": [{id: logprob}], "kv_transfer_params", "wall_s"}],
+       "outcomes_held": n (with "inproc": the engine core runs in this process, and this counts the outcomes its
+       kvfast connector still holds after the last request: each must go with its request)}
 
 Prompts run one after another (one ``generate`` each), so each request's wall time is its own and later
 prompts see what earlier ones published. The engine spawns processes: hence the ``__main__`` guard.
@@ -13,6 +15,7 @@ prompts see what earlier ones published. The engine spawns processes: hence the 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -39,12 +42,19 @@ def run(spec: dict) -> dict:
         logprobs = [{str(tok): lp.logprob for tok, lp in step.items()} for step in completion.logprobs or []]
         results.append({"tokens": list(completion.token_ids), "logprobs": logprobs,
                         "kv_transfer_params": out.kv_transfer_params, "wall_s": wall})
-    return {"start_s": start_s, "results": results}
+    out = {"start_s": start_s, "results": results}
+    if spec.get("inproc"):
+        connector = llm.llm_engine.engine_core.engine_core.scheduler.connector
+        out["outcomes_held"] = len(connector._scheduler._outcome)  # noqa: SLF001 - what the test is about
+    return out
 
 
 if __name__ == "__main__":
     spec_path, out_path = sys.argv[1], sys.argv[2]
     with open(spec_path) as f:
-        result = run(json.load(f))
+        spec = json.load(f)
+    if spec.get("inproc"):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    result = run(spec)
     with open(out_path, "w") as f:
         json.dump(result, f)

@@ -9,6 +9,11 @@ One scenario runs every engine once (module fixture), the tests read its results
     C0  no connector               the same prompts: the token reference
     D   kv_consumer, fp8 KV cache  doc+q: vLLM's cache cannot take the stored KV, the connector must refuse it
     D0  no connector, fp8          doc+q: D's token reference
+    E   kv_consumer, store S       doc+q, doc+q' without vLLM's prefix cache: the first load from disk (read
+                                   through the store's RAM tier), the second from RAM; both in S's ledger
+    F   kv_consumer, store S       doc+q with trusted_keys: A's unsigned document is refused, vLLM prefills
+    G   kv_consumer, "fail" policy doc2+q (corrupted) three times, engine core in-process: failed loads fail their
+                                   requests and leave no outcome behind in the connector
 
 A, B, C and C0 run vLLM's prefill in steps of one block (``max_num_batched_tokens`` = block size): vLLM's CPU
 kernels are not batch-invariant (a prefill of 1100 tokens and one of 1120 round layer 1's KV differently, by
@@ -48,9 +53,10 @@ def _tiny_llama(path: Path, seed: int) -> Path:
     return path
 
 
-def _connector(role: str, store: Path) -> dict:
+def _connector(role: str, store: Path, policy: str = "recompute", **extra) -> dict:
     return {"kv_connector": "KvfastConnector", "kv_connector_module_path": "kvfast.integrations.vllm",
-            "kv_role": role, "kv_load_failure_policy": "recompute", "kv_connector_extra_config": {"store": str(store)}}
+            "kv_role": role, "kv_load_failure_policy": policy,
+            "kv_connector_extra_config": {"store": str(store), **extra}}
 
 
 def _run_engines(workdir: Path, specs: dict[str, dict]) -> dict[str, dict]:
@@ -138,6 +144,16 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "C0": {**stepwise, "kv": None, "prompts": prompts},
         "D": {**fp8, "kv": _connector("kv_consumer", store)},
         "D0": {**fp8, "kv": None},
+    })
+    kvfast.keygen(work / "k.key")
+    other_q = [rng.randrange(3, VOCAB) for _ in range(QUESTION)]
+    engines |= _run_engines(work, {
+        "E": {**stepwise, "kv": _connector("kv_consumer", store), "prefix_caching": False,
+              "prompts": [doc + q, doc + other_q]},
+        "F": {**stepwise, "kv": _connector("kv_consumer", store, trusted_keys=[str(work / "k.key.pub")]),
+              "prompts": [doc + q]},
+        "G": {**stepwise, "kv": _connector("kv_consumer", store, "fail"), "prefix_caching": False, "inproc": True,
+              "prompts": [doc2 + q] * 3, "max_tokens": 4},
     })
     return {"engines": engines, "fp": fp, "store": store, "store_c": store_c, "prompts": prompts}
 
@@ -240,3 +256,40 @@ def test_engines_publish_and_report_through_the_hooks(scenario: dict) -> None:
     assert a_log.count("prompt KV published") == 2
     entries = kvfast.Store(scenario["store"]).list(scenario["fp"])
     assert {DOC, DOC2, DOC4} <= {e.num_tokens for e in entries}
+
+
+def test_a_request_that_ends_in_its_prefill_step_reports_its_publish(scenario: dict) -> None:
+    """A ran max_tokens=1: each request finished in the step that published it."""
+    for i, n in enumerate((DOC, DOC2)):
+        params = _result(scenario, "A", i)["kv_transfer_params"]
+        assert params is not None and len(params["kvfast_published"]) == 64, params
+        assert kvfast.Store(scenario["store"]).get((scenario["fp"], params["kvfast_published"])).num_tokens == n
+
+
+# -- through the store: ledger, RAM tier, trusted keys, failure policy -------------------------------------------
+def test_connector_loads_are_in_the_ledger_and_repeat_from_the_ram_tier(scenario: dict) -> None:
+    e = [_result(scenario, "E", i) for i in range(2)]
+    assert [_supplied(r) for r in e] == [1024, 1024]
+    assert e[0]["tokens"] == _result(scenario, "C0", 0)["tokens"]
+    assert "1024 prompt tokens loaded (native/disk path" in scenario["engines"]["E"]["log"]
+    assert "1024 prompt tokens loaded (native/ram path" in scenario["engines"]["E"]["log"]
+    out = subprocess.run([sys.executable, "-m", "kvfast.cli", "store", "ledger", str(scenario["store"]), "--verify",
+                          "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    records = kvfast.Ledger(scenario["store"]).records()
+    doc_key = _result(scenario, "E", 0)["kv_transfer_params"]["kvfast_document"]
+    assert [(r["document"], r["tokens"], r["tier"]) for r in records[-2:]] == [(doc_key, 1024, "disk"),
+                                                                             (doc_key, 1024, "ram")]
+
+
+def test_connector_honours_the_stores_trusted_keys(scenario: dict) -> None:
+    f = _result(scenario, "F", 0)
+    assert _supplied(f) == 0
+    assert "not signed by a trusted key" in f["kv_transfer_params"]["kvfast_declined"]
+    assert f["tokens"] == _result(scenario, "C0", 0)["tokens"]
+
+
+def test_failed_loads_under_the_fail_policy_leave_no_outcome_behind(scenario: dict) -> None:
+    g = scenario["engines"]["G"]
+    assert g["log"].count("checksum mismatch") >= 3
+    assert g["outcomes_held"] == 0

@@ -15,7 +15,7 @@ address known in advance.
 
 ``expcode-v2`` (§7.2) adds one thing: a token's K (or V) row that repeats an earlier row of the chunk bit for bit is
 not coded but listed as (row, source). Layer 0's V of a RoPE model depends on the token id alone, so every
-repeated token repeats it (69% of stories260K's layer-0 V rows in a 400-token story). ``expcode-v1`` is
+repeated token repeats it (bench/RESULTS.md, "Lossless codec", says how often). ``expcode-v1`` is
 ``expcode-v2`` without the list; one code path reads both (``repeats=False`` for v1).
 
 This module is the oracle for the C++ (csrc/expcode.cpp) and Triton (kernels/expcode.py) implementations:

@@ -18,15 +18,13 @@ The views are kvfast's HND pages: K and V each ``[num_blocks, H, block_size, D]`
 """
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from kvfast.errors import KVLayoutError
-from kvfast.cache.paged import KVSequence, PagedKVCache
 
 # (key [T, H, D], value [T, H, D], kv_cache shaped like the layer's, slot_mapping [T] int64) -> writes like the backend
 KVWriter = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -188,73 +186,3 @@ def _scratch_like(kv: torch.Tensor) -> torch.Tensor:
     for i in order:
         strides[i], step = step, step * shape[i]
     return torch.zeros(step, dtype=kv.dtype, device=kv.device).as_strided(shape, strides)
-
-
-class VllmPagedKV(PagedKVCache):
-    """vLLM's paged KV buffers as a kvfast :class:`PagedKVCache`: HND page views with vLLM's strides.
-
-    vLLM owns the memory and the blocks: this cache allocates none and frees none. A load or a save names the
-    request's vLLM block ids (:meth:`sequence`, :meth:`loading_into`), and kvfast's loader, scatter and gather
-    then address vLLM's pages by stride. It deliberately skips ``PagedKVCache.__init__``, which would allocate
-    storage of its own; every method kvfast's loader and :mod:`kvfast.cache.ops` call is served from the views.
-
-    Args:
-        keys, values: per layer, ``[num_blocks, H, block_size, D]`` views (from :func:`kv_views`), layer order.
-    """
-
-    def __init__(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]):
-        if not keys or len(keys) != len(values):
-            raise ValueError(f"need one K and one V view per layer, got {len(keys)} and {len(values)}")
-        shapes = {tuple(t.shape) for t in (*keys, *values)}
-        dtypes = {t.dtype for t in (*keys, *values)}
-        if len(shapes) != 1 or len(dtypes) != 1:
-            raise ValueError(f"every layer's K and V views must share shape and dtype, got {shapes} and {dtypes}")
-        num_blocks, num_kv_heads, block_size, head_dim = keys[0].shape
-        self.num_layers, self.num_kv_heads, self.head_dim = len(keys), num_kv_heads, head_dim
-        self.num_blocks, self.block_size, self.layout = num_blocks, block_size, "HND"
-        self.dtype, self.device = keys[0].dtype, keys[0].device
-        self._keys, self._values = list(keys), list(values)
-        self._next_seq_id = 0
-        self._planned: list[int] | None = None
-
-    def key_cache(self, layer: int) -> torch.Tensor:
-        return self._keys[layer]
-
-    def value_cache(self, layer: int) -> torch.Tensor:
-        return self._values[layer]
-
-    def sequence(self, block_ids: Sequence[int], num_tokens: int) -> KVSequence:
-        """A sequence over vLLM blocks ``block_ids`` holding ``num_tokens`` tokens (for gathers)."""
-        if num_tokens > len(block_ids) * self.block_size:
-            raise ValueError(f"{num_tokens} tokens do not fit {len(block_ids)} blocks of {self.block_size}")
-        seq = super().new_sequence()
-        seq.block_table, seq.num_tokens = list(block_ids), num_tokens
-        return seq
-
-    @contextlib.contextmanager
-    def loading_into(self, block_ids: Sequence[int]) -> Iterator[None]:
-        """Within this block, the loader's next sequence is laid over vLLM blocks ``block_ids``."""
-        self._planned = list(block_ids)
-        try:
-            yield
-        finally:
-            self._planned = None
-
-    def new_sequence(self) -> KVSequence:
-        if self._planned is None:
-            raise RuntimeError("VllmPagedKV allocates no blocks: load inside loading_into(block_ids)")
-        return self.sequence(self._planned, 0)
-
-    def append_slots(self, seq: KVSequence, n: int) -> torch.Tensor:
-        start = seq.num_tokens
-        if start + n > len(seq.block_table) * self.block_size:
-            raise ValueError(f"{start + n} tokens do not fit the request's {len(seq.block_table)} vLLM blocks")
-        seq.num_tokens = start + n
-        return self.slot_mapping(seq, start, start + n)
-
-    def free(self, seq: KVSequence) -> None:
-        seq.block_table, seq.num_tokens = [], 0  # the blocks stay vLLM's
-
-    def __repr__(self) -> str:
-        return (f"VllmPagedKV(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"blocks={self.num_blocks}x{self.block_size}, dtype={self.dtype})")

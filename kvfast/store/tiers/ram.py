@@ -10,7 +10,9 @@ import torch
 
 from kvfast.cache.pages import KVPages
 from kvfast.cache.paged import KVSequence, PagedKVCache
-from kvfast.store.entry import StoreKey
+from kvfast.format import open_kvf
+from kvfast.load import load_into
+from kvfast.store.entry import StoreEntry, StoreKey
 
 
 @dataclass
@@ -87,6 +89,28 @@ class RamTier:
     def clear(self) -> None:
         self._entries.clear()
         self._used = 0
+
+    @staticmethod
+    def _bytes(entry: StoreEntry, like: KVPages) -> int:
+        """Bytes a copy of ``entry`` takes in whole pages shaped like ``like``."""
+        return entry.kv_bytes // entry.num_tokens * like.blocks_for(entry.num_tokens) * like.block_size
+
+    def fits(self, entry: StoreEntry, like: KVPages) -> bool:
+        """Whether a copy of ``entry`` in pages shaped like ``like`` fits the budget."""
+        return self._bytes(entry, like) <= self.budget
+
+    def read(self, entry: StoreEntry, like: KVPages, verify: bool) -> RamEntry:
+        """The whole document read from its file into host pages shaped like ``like``, and kept here."""
+        nb = like.blocks_for(entry.num_tokens)
+        page = (like.block_size, like.num_kv_heads, like.head_dim) if like.layout == "NHD" else \
+            (like.num_kv_heads, like.block_size, like.head_dim)
+        host = torch.empty(like.num_layers, 2, nb, *page, dtype=like.dtype, pin_memory=torch.cuda.is_available())
+        with open_kvf(entry.path) as reader:
+            load_into(reader, KVPages(list(host[:, 0]), list(host[:, 1]), layout=like.layout), np.arange(nb),
+                      fingerprint=entry.key.fingerprint, verify=verify)
+            ram = RamEntry(host, like.layout, entry.num_tokens, reader.token_ids.numpy())
+        self.put(entry.key, ram)
+        return ram
 
     @staticmethod
     def copy_into(ram: RamEntry, pages: KVPages, block_table: np.ndarray, num_tokens: int) -> None:
