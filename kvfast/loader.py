@@ -25,6 +25,7 @@ whose layers become ready in file order (layer-major), so attention over layer 0
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -187,7 +188,10 @@ class LoadHandle:
         self._check_layer(layer)
         if self._job.failed():
             self.wait()
-        return self._job.layer_ready(layer)
+        ready = self._job.layer_ready(layer)
+        if not ready and self._job.failed():  # the query itself failed (CUDA): raise it now
+            self.wait()
+        return ready
 
     def wait_layer(self, layer: int, timeout: float | None = None) -> None:
         """Block until layer ``layer`` is ready; raises the load's error if it failed, ``TimeoutError`` after
@@ -202,11 +206,12 @@ class LoadHandle:
         """Make ``stream`` (default: the current CUDA stream of the cache's device) wait until layer ``layer`` is
         in the cache, without blocking the host on the copy, so that layer's attention can be enqueued at once.
 
-        The host waits only until the layer's chunks are read, checked and enqueued. For host caches and the
-        Python path this is :meth:`wait_layer`. Raises the load's error if it failed.
+        The host waits only until the layer's chunks are read, checked and enqueued (for the Python path on a
+        CUDA cache: written by the load's stream), then ``stream`` waits on the layer's CUDA event. For host caches
+        this is :meth:`wait_layer`. Raises the load's error if it failed.
         """
         self._check_layer(layer)
-        if isinstance(self._job, _GpuJob):
+        if self._cache.device.type == "cuda":
             stream = torch.cuda.current_stream(self._cache.device) if stream is None else stream
             ok = self._job.stream_wait_layer(layer, stream)
         else:
@@ -441,6 +446,8 @@ class _NativeJob:
         kind, pos, errno, offset, detail = error
         if kind == "cancelled":
             return RuntimeError("the load was cancelled")
+        if pos < 0:  # a CUDA failure after every chunk was handed over (a wait or a query), no chunk to name
+            return RuntimeError(f"{self._path}: {detail}")
         c: ChunkInfo = self._plan[pos]
         where = f"chunk {c.index} (layer {c.layer}, tokens {c.start}:{c.stop})"
         if kind == "checksum":
@@ -460,6 +467,19 @@ class _GpuJob(_NativeJob):
     @staticmethod
     def _make(fd: int, chunks: np.ndarray, cache: PagedKVCache, table: np.ndarray, n: int, verify: bool,
               threads: int, method: str) -> Any:
+        geometry, item = _GpuJob.geometry(cache)
+        device = cache.storage.device  # with its index, whichever device is current
+        # The load's writes start after the work the caller queued on these blocks (zeroing, copy on write).
+        return native_cuda.GpuLoadJob(
+            fd, chunks, [cache.key_cache(layer).data_ptr() for layer in range(cache.num_layers)],
+            [cache.value_cache(layer).data_ptr() for layer in range(cache.num_layers)], geometry, item, table, n,
+            device.index, stream=torch.cuda.current_stream(device).cuda_stream, method=method, threads=threads,
+            verify=verify, piece_bytes=PIECE_BYTES, ring_slots=GPU_RING_SLOTS)
+
+    @staticmethod
+    def geometry(cache: PagedKVCache) -> tuple[tuple[int, ...], int]:
+        """``(layout, itemsize)`` of the cache's pages as ``GpuLoadJob`` takes them: ``(num_blocks, block_size,
+        num_heads, head_bytes, block_stride, token_stride, head_stride)``, strides in bytes."""
         k0 = _token_major(cache.key_cache(0), cache.layout)
         item = k0.element_size()
         geometry = (*k0.shape[:3], k0.shape[3] * item, *(stride * item for stride in k0.stride()[:3]))
@@ -467,12 +487,7 @@ class _GpuJob(_NativeJob):
             for pages in (cache.key_cache(layer), cache.value_cache(layer)):
                 if _token_major(pages, cache.layout).stride() != k0.stride():
                     raise ValueError("the native GPU loader needs every layer's K and V pages with one geometry")
-        device = cache.device.index if cache.device.index is not None else torch.cuda.current_device()
-        return native_cuda.GpuLoadJob(
-            fd, chunks, [cache.key_cache(layer).data_ptr() for layer in range(cache.num_layers)],
-            [cache.value_cache(layer).data_ptr() for layer in range(cache.num_layers)], geometry, item, table, n,
-            device, method=method, threads=threads, verify=verify, piece_bytes=PIECE_BYTES,
-            ring_slots=GPU_RING_SLOTS)
+        return geometry, item
 
     def stream_wait_layer(self, layer: int, stream: Any) -> bool:
         return self._job.stream_wait_layer(layer, stream.cuda_stream)
@@ -490,7 +505,13 @@ def _pages(pages: torch.Tensor, layout: str) -> np.ndarray:
 
 
 class _PythonJob:
-    """The reference path behind a LoadHandle: inline when blocking, else on one background thread."""
+    """The reference path behind a LoadHandle: inline when blocking, else on one background thread.
+
+    On a CUDA cache the writes are only enqueued when a layer is marked ready, so each layer also gets a CUDA event,
+    recorded on the stream that wrote it: :meth:`stream_wait_layer` makes another stream wait on it, and the host
+    waits (:meth:`wait_layer`, :meth:`wait`) until it landed. In the background the load writes on a stream of its
+    own that first waits for the caller's current stream (work already queued on the new blocks runs first).
+    """
 
     def __init__(self, reader: KvfReader, cache: PagedKVCache, slots: torch.Tensor, n: int, verify: bool, *,
                  close_reader: bool, blocking: bool, threads: int = 1, decoder: str = "python"):
@@ -499,6 +520,13 @@ class _PythonJob:
         self._error: BaseException | None = None
         self._cond = threading.Condition()
         self._decode = {"threads": threads, "decoder": decoder}
+        self._device = cache.device if cache.device.type == "cuda" else None
+        self._events: list[torch.cuda.Event | None] = [None] * cache.num_layers
+        self._stream: torch.cuda.Stream | None = None
+        if self._device is not None and not blocking:
+            self._stream = torch.cuda.Stream(self._device)
+            self._stream.wait_stream(torch.cuda.current_stream(self._device))
+            slots.record_stream(self._stream)  # made on the caller's stream, read on the load's
         args = (reader, cache, slots, n, verify, close_reader)
         if blocking:
             self._run(*args)
@@ -507,7 +535,10 @@ class _PythonJob:
 
     def _run(self, reader, cache, slots, n, verify, close_reader) -> None:
         try:
-            _copy(reader, cache, slots, n, verify, on_layer=self._layer_done, **self._decode)
+            with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+                _copy(reader, cache, slots, n, verify, on_layer=self._layer_done, **self._decode)
+                if self._device is not None:  # finished means landed: done() and wait() promise the bytes
+                    torch.cuda.current_stream(self._device).synchronize()
         except BaseException as exc:  # noqa: BLE001 - handed to wait()
             self._error = exc
         finally:
@@ -518,7 +549,12 @@ class _PythonJob:
                 self._cond.notify_all()
 
     def _layer_done(self, layer: int) -> None:
+        event = None
+        if self._device is not None:  # on the stream that enqueued the layer's writes
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self._device))
         with self._cond:
+            self._events[layer] = event
             self._ready[layer] = True
             self._cond.notify_all()
 
@@ -535,8 +571,23 @@ class _PythonJob:
             return self._ready[layer]
 
     def wait_layer(self, layer: int, timeout: float | None) -> bool:
+        ok, event = self._layer_event(layer, timeout)
+        if event is not None:
+            event.synchronize()
+        return ok
+
+    def stream_wait_layer(self, layer: int, stream: torch.cuda.Stream) -> bool:
+        _, event = self._layer_event(layer, None)
+        if event is None or self.failed():
+            return False
+        stream.wait_event(event)
+        return True
+
+    def _layer_event(self, layer: int, timeout: float | None) -> tuple[bool, torch.cuda.Event | None]:
+        """Waits until the layer is enqueued or the job ended: (whether that happened, the layer's CUDA event)."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._ready[layer] or self._finished, timeout)
+            ok = self._cond.wait_for(lambda: self._ready[layer] or self._finished, timeout)
+            return ok, self._events[layer]
 
     def wait(self, timeout: float | None) -> bool:
         with self._cond:
