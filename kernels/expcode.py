@@ -14,6 +14,8 @@ Runs compiled on a GPU and, with ``TRITON_INTERPRET=1``, on CPU tensors (the tes
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import triton
@@ -142,16 +144,19 @@ def decode_paged(stored: np.ndarray, k_pages: torch.Tensor, v_pages: torch.Tenso
     status = torch.empty(lay.num_segments, dtype=torch.int64, device=device)
     words = {2: torch.int16, 4: torch.int32}[itemsize]
     k_words, v_words = k_pages.view(words), v_pages.view(words)
-    _decode_kernel[(triton.cdiv(lay.num_segments, _BLOCK),)](
-        dev(np.require(stored, requirements="W")), dev(luts),
-        *dev(segs),
-        status, k_words, v_words, dev(np.concatenate(lay.kept)), slot_mapping,
-        lay.num_segments, heads, len(lay.kept[0]), lay.raw, block_size,
-        k_words.stride(0), k_words.stride(1), k_words.stride(2), v_words.stride(0), v_words.stride(1),
-        v_words.stride(2),
-        # a bound, not the longest segment: one compiled kernel per chunk shape, however many rows repeat
-        HEAD_DIM=head_dim, ITEMSIZE=itemsize, MAX_SYMBOLS=lay.seg_tokens * head_dim, BLOCK=_BLOCK,
-    )
+    # Triton launches on the current device (and its current stream): make it the pages' device, whichever thread
+    # (a load's own) and device were current.
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _decode_kernel[(triton.cdiv(lay.num_segments, _BLOCK),)](
+            dev(np.require(stored, requirements="W")), dev(luts),
+            *dev(segs),
+            status, k_words, v_words, dev(np.concatenate(lay.kept)), slot_mapping,
+            lay.num_segments, heads, len(lay.kept[0]), lay.raw, block_size,
+            k_words.stride(0), k_words.stride(1), k_words.stride(2), v_words.stride(0), v_words.stride(1),
+            v_words.stride(2),
+            # a bound, not the longest segment: one compiled kernel per chunk shape, however many rows repeat
+            HEAD_DIM=head_dim, ITEMSIZE=itemsize, MAX_SYMBOLS=lay.seg_tokens * head_dim, BLOCK=_BLOCK,
+        )
     failed = torch.nonzero(status < 0)
     if failed.numel():
         s = int(failed[0])

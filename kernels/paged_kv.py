@@ -51,7 +51,9 @@ def _scatter_kv_kernel(
     block_idx = slot_idx // block_size
     block_offset = slot_idx % block_size
 
-    head_idx = head_tile * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
+    # int64 too: head_idx * head_stride passes 2**31 in strided views (heads-major sources, heads-outer caches),
+    # and a stride below 2**31 arrives as an i32 argument, so the product would wrap in 32 bits.
+    head_idx = (head_tile * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]).to(tl.int64)  # [BLOCK_H, 1]
     dim_idx = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
     mask = (head_idx < heads_to_copy) & (dim_idx < HEAD_DIM)
 
@@ -171,7 +173,7 @@ def _gather_kv_kernel(
     block_idx = tl.load(block_table_ptr + token_idx // block_size).to(tl.int64)
     block_offset = token_idx % block_size
 
-    head_idx = head_tile * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
+    head_idx = (head_tile * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]).to(tl.int64)  # [BLOCK_H, 1], as in scatter
     dim_idx = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
     mask = (head_idx < num_heads) & (dim_idx < HEAD_DIM)
 

@@ -98,6 +98,9 @@ class PagedKVCache:
         page = (block_size, num_kv_heads, head_dim) if layout == "NHD" else (num_kv_heads, block_size, head_dim)
         # [num_layers, 2, num_blocks, *page]: zero-filled so no read ever sees another process's old memory
         self.storage = torch.zeros(num_layers, 2, num_blocks, *page, dtype=dtype, device=self.device)
+        # "cuda" -> "cuda:N": every tensor, stream and launch for this cache then names its device, whichever
+        # device is current when they are made.
+        self.device = self.storage.device
         self.pages = KVPages([self.storage[i, 0] for i in range(num_layers)],
                              [self.storage[i, 1] for i in range(num_layers)], layout=layout)
         self.allocator = BlockAllocator(num_blocks)
