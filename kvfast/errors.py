@@ -68,3 +68,29 @@ class TokenMismatchError(KvfastError):
 # -- the paged cache ----------------------------------------------------------------------------------
 class CacheFullError(KvfastError, MemoryError):
     """The paged cache has no free blocks left; free sequences or allocate more blocks."""
+
+
+# -- the caller's input ---------------------------------------------------------------------------------
+class InvalidArgumentError(KvfastError, ValueError, TypeError):
+    """An argument is missing or outside what is allowed (token ids the model has no embedding for, a
+    document longer than its position limit, a prefix longer than the file); the message names both."""
+
+
+class FileAccessError(KvfastError, OSError):
+    """A path cannot be used as asked: missing, a folder where a file is expected, not permitted, or the disk
+    is full. ``errno`` is the operating system's code."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None, errno: int | None = None):
+        super().__init__(message, path=path)
+        self.errno = errno
+
+
+def file_access_error(exc: OSError, path: str | os.PathLike, doing: str) -> FileAccessError:
+    """``exc`` (from ``doing`` to ``path``) as a one-line :class:`FileAccessError` naming ``path``."""
+    import errno as errnos
+
+    what = {errnos.ENOENT: "no such file or folder", errnos.EISDIR: "is a folder, expected a file",
+            errnos.ENOTDIR: "a parent of this path is a file, not a folder",
+            errnos.EACCES: "permission denied", errnos.EPERM: "permission denied",
+            errnos.ENOSPC: "no space left on the device"}.get(exc.errno, exc.strerror or str(exc))
+    return FileAccessError(f"{doing}: {what}", path=path, errno=exc.errno)

@@ -7,6 +7,7 @@ docs/FORMAT.md is the specification; section numbers (§) in this module point i
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import numbers
@@ -26,12 +27,14 @@ from kvfast import codec as codecs
 from kvfast._backend import crc32c
 from kvfast.errors import (
     ChecksumError,
+    FileAccessError,
     LayoutError,
     ManifestError,
     NotKvfError,
     TruncatedFileError,
     UnsupportedCodecError,
     UnsupportedVersionError,
+    file_access_error,
 )
 
 # -- §1 preamble ----------------------------------------------------------------------------------------
@@ -272,10 +275,18 @@ def save_kv(
         for p in parts:
             f.write(p)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise FileAccessError("is a folder; give the .kvf file to write", path=path, errno=errno.EISDIR)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise file_access_error(exc, path.parent, "creating the folder") from None
     # Not tempfile.mkstemp: its 0600 mode would survive the rename. O_EXCL with 0666 lets the umask decide.
     tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        raise file_access_error(exc, path, "writing") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write_region(f, 0, [preamble, manifest_bytes])
@@ -285,6 +296,11 @@ def save_kv(
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        # The temporary file is gone and ``path`` untouched: say so, naming the user's path, not the temporary
+        why = "no space left on the device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+        raise FileAccessError(f"writing it failed ({why}); nothing was written", path=path, errno=exc.errno) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -354,7 +370,12 @@ class KvfReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_RDONLY)
+        if self.path.is_dir():  # os.open would succeed on a folder and fail at the first read, naming nothing
+            raise FileAccessError("is a folder, expected a .kvf file", path=self.path, errno=errno.EISDIR)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise file_access_error(exc, self.path, "opening") from None
         try:
             self._file_size = os.fstat(self._fd).st_size
             self.manifest, self.chunks, self.data_start, tokens = self._parse()

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from kvfast.hf import PagedCache, _token_tensor
+from kvfast.hf import PagedCache, _model_token_tensor
 from kvfast.paged import KVSequence, PagedKVCache
 
 
@@ -57,7 +57,7 @@ def decode(model: Any, past: Cache, prompt_ids: Sequence[int] | torch.Tensor, *,
     if do_sample and temperature <= 0:
         raise ValueError("temperature must be > 0 when sampling")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    ids = _token_tensor(prompt_ids, model.device)[None]
+    ids = _model_token_tensor(model, prompt_ids, start=past.get_seq_length())[None]
     tokens: list[int] = []
     rows: list[torch.Tensor] = []
     for step in range(max_new_tokens):

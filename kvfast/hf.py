@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
+from kvfast.errors import InvalidArgumentError
 from kvfast.fingerprint import fingerprint as model_fingerprint
 from kvfast.fingerprint import model_config
 from kvfast.format import save_kv
@@ -24,11 +25,25 @@ from kvfast.paged import KVSequence, PagedKVCache
 DEFAULT_PREFILL_CHUNK = 512  # tokens per forward: bounds activation memory for long documents
 
 
-def _token_tensor(token_ids: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+def _model_token_tensor(model: Any, token_ids: Sequence[int] | torch.Tensor, *, start: int = 0,
+                        path: str | os.PathLike | None = None) -> torch.Tensor:
+    """``token_ids`` as a tensor on the model's device, refused unless the model can take them at positions
+    ``start...``: an id outside the embedding table would fail deep inside the forward (``IndexError: index out
+    of range in self``), and positions past the model's limit give KV it was never trained for."""
     ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
     if ids.numel() == 0:
-        raise ValueError("token_ids is empty")
-    return ids.to(device)
+        raise InvalidArgumentError("token_ids is empty; give at least one token id", path=path)
+    vocab = model.get_input_embeddings().num_embeddings
+    bad = ((ids < 0) | (ids >= vocab)).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise InvalidArgumentError(f"token id {int(ids[i])} at position {i} is not in the model's vocabulary "
+                                   f"(allowed: 0..{vocab - 1})", path=path)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and start + ids.numel() > limit:
+        raise InvalidArgumentError(f"{start} + {ids.numel()} tokens exceed the model's position limit "
+                                   f"(max_position_embeddings={limit}); shorten the document", path=path)
+    return ids.to(model.device)
 
 
 @torch.no_grad()
@@ -39,8 +54,8 @@ def prefill(model: Any, token_ids: Sequence[int] | torch.Tensor, *, prefill_chun
     The cache uses full-attention layers even for sliding-window models, so no document token is dropped.
     """
     if prefill_chunk < 1:
-        raise ValueError("prefill_chunk must be >= 1")
-    ids = _token_tensor(token_ids, model.device)
+        raise InvalidArgumentError(f"prefill_chunk={prefill_chunk}; use a positive number of tokens per forward")
+    ids = _model_token_tensor(model, token_ids)
     past = DynamicCache()
     for a in tqdm(range(0, ids.numel(), prefill_chunk), desc="prefill", unit="chunk", disable=not progress):
         model(input_ids=ids[None, a : a + prefill_chunk], past_key_values=past, use_cache=True, logits_to_keep=1)
@@ -67,6 +82,7 @@ def publish(model: Any, token_ids: Sequence[int] | torch.Tensor, path: str | os.
     Example:
         >>> kvfast.publish(model, tokenizer(doc).input_ids, "doc.kvf")  # doctest: +SKIP
     """
+    _model_token_tensor(model, token_ids, path=path)  # refused naming the file, before any prefill
     keys, values = capture_kv(model, token_ids, prefill_chunk=prefill_chunk, progress=progress)
     save_kv_options.setdefault("model_config", model_config(model))
     meta = dict(save_kv_options.pop("metadata", None) or {})
@@ -141,6 +157,25 @@ class PagedCache(Cache):
         # [S, H, D] -> contiguous [1, H, S, D], the exact tensor DynamicCache would hand attention
         return k.transpose(0, 1).contiguous()[None], v.transpose(0, 1).contiguous()[None]
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Truncate the sequence (``transformers``' convention: a negative value removes that many tokens, a
+        positive one is the length to keep); used by prompt-lookup and assisted decoding to drop rejected
+        draft tokens. Whole blocks past the new end are released; a kept, partly filled block that another
+        sequence shares is copied before the next write (copy on write), so the other sequence is untouched."""
+        length = self.seq.num_tokens
+        keep = length - min(-tokens_to_remove, length) if tokens_to_remove <= 0 else min(tokens_to_remove, length)
+        blocks = self.cache.blocks_for(keep)
+        self.cache.allocator.decref(self.seq.block_table[blocks:])
+        del self.seq.block_table[blocks:]
+        self.seq.num_tokens = keep
+        self.lengths = [keep] * len(self.lengths)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Batch size 1 only: the identity order is accepted, any other (beam search) is refused."""
+        if beam_idx.tolist() != [0]:
+            raise NotImplementedError("PagedCache serves batch size 1: beam search (num_beams > 1) is not "
+                                      "supported; use num_beams=1")
+
 
 @torch.no_grad()
 def extend(model: Any, cache: PagedKVCache, seq: KVSequence, token_ids: Sequence[int] | torch.Tensor, *,
@@ -149,7 +184,9 @@ def extend(model: Any, cache: PagedKVCache, seq: KVSequence, token_ids: Sequence
 
     Returns the logits after the last token, ``[vocab]``; ``seq`` grows by ``len(token_ids)``.
     """
-    ids = _token_tensor(token_ids, model.device)
+    if prefill_chunk < 1:
+        raise InvalidArgumentError(f"prefill_chunk={prefill_chunk}; use a positive number of tokens per forward")
+    ids = _model_token_tensor(model, token_ids, start=seq.num_tokens)
     past = PagedCache(cache, seq)
     for a in tqdm(range(0, ids.numel(), prefill_chunk), desc="prefill", unit="chunk", disable=not progress):
         logits = model(input_ids=ids[None, a : a + prefill_chunk], past_key_values=past, use_cache=True,

@@ -38,6 +38,7 @@ from kvfast.errors import (
     CacheFullError,
     ChecksumError,
     DtypeMismatchError,
+    InvalidArgumentError,
     ModelMismatchError,
     ShapeMismatchError,
     TokenMismatchError,
@@ -244,8 +245,8 @@ class LoadHandle:
 def _start(path, cache, model, fingerprint, num_tokens, token_ids, verify, threads, backend, method, *,
            blocking: bool) -> LoadHandle:
     if model is None and fingerprint is None:
-        raise TypeError(f"kvfast.load({path.path if isinstance(path, KvfReader) else os.fspath(path)}) needs "
-                        "model= or fingerprint= to check the file was made by that model")
+        raise InvalidArgumentError("kvfast.load needs model= or fingerprint= to check the file was made by that "
+                                   "model", path=path.path if isinstance(path, KvfReader) else path)
     backend, method = _choose(backend, method, cache)
     threads = DEFAULT_THREADS if threads is None else threads
     if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 256:
@@ -329,7 +330,8 @@ def _check(reader: KvfReader, cache: PagedKVCache, model: Any | None, fingerprin
         raise ModelMismatchError(_mismatch_message(m.fingerprint, expected, m.config, model), path=where)
     n = m.num_tokens if num_tokens is None else num_tokens
     if not 1 <= n <= m.num_tokens:
-        raise ValueError(f"num_tokens must be in [1, {m.num_tokens}], got {n}")
+        raise InvalidArgumentError(f"num_tokens={n} is not a prefix of the file's {m.num_tokens} tokens; "
+                                   f"use 1..{m.num_tokens}", path=where)
     if token_ids is not None:
         want = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1)
         if want.numel() != n:
