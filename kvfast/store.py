@@ -622,10 +622,14 @@ class Store:
             shutil.copyfile(src, tmp)
             _fsync_file(tmp)
             # Check the bytes that will be committed, not the source (it may change under us).
-            with open_kvf(tmp) as r:
-                if verify:
-                    r.verify()
-                copied = StoreKey(r.manifest.fingerprint, self._document_key(r.token_ids))
+            try:
+                with open_kvf(tmp) as r:
+                    if verify:
+                        r.verify()
+                    copied = StoreKey(r.manifest.fingerprint, self._document_key(r.token_ids))
+            except FormatError as exc:  # name the caller's file, not the store's private copy of it
+                detail = str(exc).removeprefix(f"{exc.path}: ") if exc.path else str(exc)
+                raise type(exc)(f"{detail}; not stored", path=src) from None
             if copied != key:
                 raise FormatError("the file changed while it was being copied into the store; put it again",
                                   path=src)
