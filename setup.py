@@ -135,6 +135,14 @@ elif os.environ.get("KVFAST_REQUIRE_NATIVE") == "1":
     raise RuntimeError("pybind11 is required to build kvfast._C")
 
 NVCC = find_nvcc()
+# One line in the build log saying what is built (pip shows it with -v; CI checks it).
+if Pybind11Extension is None:
+    print("kvfast build: pybind11 not found: no native extension (pure-Python path only)", flush=True)
+elif NVCC is None:
+    print("kvfast build: kvfast._C (host loader); CUDA part off: no nvcc in CUDA_HOME/bin, CUDA_PATH/bin or PATH",
+          flush=True)
+else:
+    print(f"kvfast build: kvfast._C (host loader) and kvfast._C_cuda (CUDA part on: {NVCC})", flush=True)
 if Pybind11Extension is not None and NVCC is not None:
     try:
         cuda_includes, cuda_libraries = cuda_toolkit_dirs(NVCC)
