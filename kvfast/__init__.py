@@ -18,8 +18,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "backend": ("kvfast._backend", "backend"),
     "CodecError": ("kvfast.codec", "CodecError"),
     **{name: ("kvfast.errors", name) for name in (
-        "CacheFullError", "ChecksumError", "DtypeMismatchError", "FormatError", "KvfastError", "LayoutError",
-        "ManifestError", "ModelMismatchError", "NotKvfError", "ShapeMismatchError", "TokenMismatchError",
+        "CacheFullError", "ChecksumError", "DtypeMismatchError", "FileAccessError", "FormatError",
+        "InvalidArgumentError", "KvfastError", "LayoutError", "ManifestError", "ModelMismatchError", "NotKvfError", "ShapeMismatchError", "TokenMismatchError",
         "TruncatedFileError", "UnsupportedCodecError", "UnsupportedVersionError")},
     **{name: ("kvfast.fingerprint", name) for name in (
         "block_hashes", "checkpoint_fingerprint", "document_key", "fingerprint")},
@@ -80,8 +80,8 @@ if TYPE_CHECKING:  # type checkers and IDEs see the eager imports
     from kvfast._backend import backend
     from kvfast.audit import AuditReport, audit
     from kvfast.codec import CodecError
-    from kvfast.errors import (CacheFullError, ChecksumError, DtypeMismatchError, FormatError, KvfastError,
-                               LayoutError, ManifestError, ModelMismatchError, NotKvfError, ShapeMismatchError,
+    from kvfast.errors import (CacheFullError, ChecksumError, DtypeMismatchError, FileAccessError, FormatError,
+                               InvalidArgumentError, KvfastError, LayoutError, ManifestError, ModelMismatchError, NotKvfError, ShapeMismatchError,
                                TokenMismatchError, TruncatedFileError, UnsupportedCodecError,
                                UnsupportedVersionError)
     from kvfast.fingerprint import block_hashes, checkpoint_fingerprint, document_key, fingerprint

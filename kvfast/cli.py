@@ -888,7 +888,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         # files are written atomically (a temporary renamed at the end), so an interrupt leaves none behind
-        print("\nkvfast: interrupted; nothing was written", file=sys.stderr)
+        print("\nkvfast: interrupted; no file was left half-written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (CliError, kvfast.KvfastError) as exc:
         print(f"kvfast: error: {exc}", file=sys.stderr)
