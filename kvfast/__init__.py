@@ -19,8 +19,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "CodecError": ("kvfast.codec", "CodecError"),
     **{name: ("kvfast.errors", name) for name in (
         "CacheFullError", "ChecksumError", "DtypeMismatchError", "FileAccessError", "FormatError",
-        "InvalidArgumentError", "KvfastError", "LayoutError", "ManifestError", "ModelMismatchError", "NotKvfError", "ShapeMismatchError", "TokenMismatchError",
-        "TruncatedFileError", "UnsupportedCodecError", "UnsupportedVersionError")},
+        "InvalidArgumentError", "KvfastError", "LayoutError", "ManifestError", "ModelMismatchError", "NotKvfError",
+        "ShapeMismatchError", "TokenMismatchError", "TruncatedFileError", "UnsupportedCodecError",
+        "UnsupportedVersionError")},
     **{name: ("kvfast.fingerprint", name) for name in (
         "block_hashes", "checkpoint_fingerprint", "document_key", "fingerprint")},
     "KvfReader": ("kvfast.format", "KvfReader"),
@@ -44,7 +45,16 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     **{name: ("kvfast.sign", name) for name in ("SignatureError", "keygen", "sign", "verify_signature")},
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [  # every public name (a literal, for type checkers and IDEs)
+    "AuditReport", "CacheFullError", "ChecksumError", "CodecError", "DtypeMismatchError", "FileAccessError",
+    "FormatError", "GenerationOutput", "InvalidArgumentError", "KVSequence", "KvfReader", "KvfastError",
+    "LayoutError", "Ledger", "LedgerError", "Manifest", "ManifestError", "ModelMismatchError", "NotKvfError",
+    "PagedCache", "PagedKVCache", "ShapeMismatchError", "SignatureError", "Store", "StoreEntry", "StoreKey",
+    "StoreMatch", "StoreStats", "TokenMismatchError", "TruncatedFileError", "UnsupportedCodecError",
+    "UnsupportedVersionError", "VerifyReport", "audit", "backend", "block_hashes", "capture_kv",
+    "checkpoint_fingerprint", "document_key", "extend", "fingerprint", "generate", "keygen", "load", "load_async",
+    "open", "publish", "save_kv", "sign", "verify", "verify_signature"
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -81,9 +91,9 @@ if TYPE_CHECKING:  # type checkers and IDEs see the eager imports
     from kvfast.audit import AuditReport, audit
     from kvfast.codec import CodecError
     from kvfast.errors import (CacheFullError, ChecksumError, DtypeMismatchError, FileAccessError, FormatError,
-                               InvalidArgumentError, KvfastError, LayoutError, ManifestError, ModelMismatchError, NotKvfError, ShapeMismatchError,
-                               TokenMismatchError, TruncatedFileError, UnsupportedCodecError,
-                               UnsupportedVersionError)
+                               InvalidArgumentError, KvfastError, LayoutError, ManifestError, ModelMismatchError,
+                               NotKvfError, ShapeMismatchError, TokenMismatchError, TruncatedFileError,
+                               UnsupportedCodecError, UnsupportedVersionError)
     from kvfast.fingerprint import block_hashes, checkpoint_fingerprint, document_key, fingerprint
     from kvfast.format import KvfReader, Manifest, save_kv
     from kvfast.format import open_kvf as open  # noqa: A001

@@ -283,7 +283,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info))
         return EXIT_OK
     rows = [("file", info["path"]), ("model", m.fingerprint), ("architecture", m.config.get("architecture", "?")),
-            ("tokens", m.num_tokens), ("layers x kv_heads x head_dim", f"{m.num_layers} x {m.num_kv_heads} x {m.head_dim}"),
+            ("tokens", m.num_tokens),
+            ("layers x kv_heads x head_dim", f"{m.num_layers} x {m.num_kv_heads} x {m.head_dim}"),
             ("dtype", str(m.dtype).removeprefix("torch.")), ("codec", m.codec),
             ("chunks", f"{info['chunks']} ({m.chunk_tokens} tokens each)"),
             ("KV bytes", f"{info['kv_bytes']:,} ({info['kv_bytes'] / m.num_tokens / 1e6:.4f} MB/token)"),
@@ -772,7 +773,8 @@ def add_cost_parser(sub: Any) -> None:
                     help=f"internet egress price (default ${DEFAULT_EGRESS_DOLLARS_PER_GB}/GB)")
     sp.add_argument("--mfu", type=_probability, help="fraction of peak FLOP/s a prefill achieves (default 0.5)")
     sp.add_argument("--link-gb-per-s", type=_positive_float, help="host->device bandwidth of a KV load, GB/s")
-    sp.add_argument("--batch", type=_positive_int, default=1, help="agents sharing each read of the weights (default 1)")
+    sp.add_argument("--batch", type=_positive_int, default=1,
+                    help="agents sharing each read of the weights (default 1)")
     sp.add_argument("--cache-read-fraction", type=_probability, default=DEFAULT_CACHE_READ_FRACTION,
                     help="cache-read price as a fraction of the input price (default 0.1)")
     sp.add_argument("--prefill-chunk", type=_positive_int, default=DEFAULT_PREFILL_CHUNK,
@@ -808,7 +810,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(sp)
     sp.add_argument("doc", metavar="DOC", nargs="?", help="a text file (tokenized with the model's tokenizer)")
     sp.add_argument("--token-ids", metavar="FILE", help="the document as whitespace-separated token ids instead")
-    sp.add_argument("-o", "--output", required=True, help="the .kvf file to write (refused if it exists, unless --force)")
+    sp.add_argument("-o", "--output", required=True,
+                    help="the .kvf file to write (refused if it exists, unless --force)")
     sp.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     sp.add_argument("--chunk-tokens", type=_positive_int, default=256, help="tokens per stored chunk (default 256)")
     sp.add_argument("--prefill-chunk", type=_positive_int, default=DEFAULT_PREFILL_CHUNK,

@@ -28,7 +28,8 @@ def test_lazy_package_keeps_functions_over_submodules():
     import kvfast.verify  # noqa: F401
 
     assert callable(kvfast.verify) and callable(kvfast.sign) and callable(kvfast.fingerprint)
-    assert set(kvfast.__all__) <= set(dir(kvfast))
+    assert set(kvfast.__all__) == set(kvfast._EXPORTS) and set(kvfast.__all__) <= set(dir(kvfast))
+    assert all(getattr(kvfast, name) is not None for name in kvfast.__all__)  # every name resolves
     with pytest.raises(AttributeError, match="no_such_name"):
         kvfast.no_such_name  # noqa: B018
 
