@@ -5,7 +5,7 @@ needs them, so ``kvfast --help`` and ``kvfast --version`` answer at once.
 
 Exit codes, one meaning each: 0 success; 1 the check ran and failed (``verify`` not exact, ``audit`` failed, the
 ledger's chain broken); 2 bad input or usage (the one-line message names the value and what is allowed);
-130 interrupted (Ctrl-C).
+3 an internal error (a bug: the traceback is printed); 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,6 +24,7 @@ import kvfast
 EXIT_OK = 0
 EXIT_FAILED_CHECK = 1  # the check ran and failed: verify not exact, audit failed, ledger broken
 EXIT_ERROR = 2  # bad input or usage: the message says which value and what is allowed
+EXIT_INTERNAL = 3  # anything else: a bug in kvfast or its stack; the traceback is printed to report it
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # the KV dtypes of docs/FORMAT.md
@@ -793,7 +795,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compute a document's prefill once, save its KV cache as a .kvf file, and load it "
                     "bit-exactly into a paged KV cache instead of prefilling again.",
         epilog="Exit codes: 0 ok; 1 a check ran and failed (verify, audit, store ledger --verify); 2 bad input or "
-               "usage (the message names the value and what is allowed); 130 interrupted. Start with `kvfast demo`.")
+               "usage (the message names the value and what is allowed); 3 internal error (a bug); "
+               "130 interrupted. Start with `kvfast demo`.")
     p.add_argument("--version", action="version", version=f"kvfast {kvfast.__version__}",
                    help="print kvfast's version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser,
@@ -899,6 +902,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"kvfast: error: {_os_error(exc)}", file=sys.stderr)
         return EXIT_ERROR
+    except Exception:  # noqa: BLE001 - not the input's fault: keep 1 meaning "the check failed"
+        traceback.print_exc()
+        print("kvfast: internal error (a bug in kvfast or its stack; please report the traceback above)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

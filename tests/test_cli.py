@@ -291,6 +291,16 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(model_dir, published, tmp_pa
     assert os.listdir(out.parent) == []
 
 
+def test_a_bug_exits_3_with_its_traceback(published):
+    # 1 means "the check failed" and 2 "your input": a crash must be neither (the bug is injected: open fails)
+    script = ("import sys, kvfast\nkvfast.open = lambda path: 1 / 0\n"
+              "from kvfast.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", script, "inspect", str(published / "doc.kvf")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 3
+    assert "ZeroDivisionError" in proc.stderr and proc.stderr.rstrip().splitlines()[-1].startswith("kvfast: internal")
+
+
 def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing(model_dir, tmp_path):
     ids = _ids_file(tmp_path, "long.txt", " ".join(map(str, random_ids(2000))))
     out = tmp_path / "out" / "doc.kvf"
