@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers (report.py)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.conftest: the tiny model builders
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.conftest (the tiny models), under plain `pytest`
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
