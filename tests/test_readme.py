@@ -63,3 +63,16 @@ def test_readme_snippets_run_as_written(tmp_path, monkeypatch):
     with pytest.raises(kvfast.SignatureError):  # "refuses anything else": an unsigned copy
         Path("copy.kvf").write_bytes(Path("doc.kvf").read_bytes())
         kvfast.load("copy.kvf", ns["cache"], model=model, trusted_keys=["publisher.key.pub"])
+
+
+def test_ci_runs_the_readme_test_command_and_the_package_pins_nothing():
+    root = README.parent
+    bash = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    install, test = bash[0].strip(), bash[1].strip()
+    assert install.endswith("kvfast demo") and "-c constraints/cpu.txt" in install
+    assert test.endswith("python -m pytest") and test in (root / ".ci" / "run").read_text().splitlines()
+    # the CPU pin lives in the constraints file the commands use, never in the package's own dependencies
+    assert "torch==" in (root / "constraints" / "cpu.txt").read_text()
+    pyproject = (root / "pyproject.toml").read_text()
+    dependencies = pyproject[pyproject.index("dependencies = ["):pyproject.index("[project.optional-dependencies]")]
+    assert '"torch>=' in dependencies and "torch==" not in dependencies
