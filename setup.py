@@ -167,6 +167,14 @@ if NVCC is None and REQUIRE == "cuda":
 if NVCC is None and REQUIRED:
     sys.stderr.write("\n*** kvfast: nvcc not found: kvfast._C_cuda (the CUDA load path and kernels) is not built; "
                      "KVFAST_REQUIRE_NATIVE=cuda makes this an error\n\n")
+# One line in the build log saying what is built (pip shows it with -v; CI checks it).
+if Pybind11Extension is None:
+    print("kvfast build: pybind11 not found: no native extension (pure-Python path only)", flush=True)
+elif NVCC is None:
+    print("kvfast build: kvfast._C (host loader); CUDA part off: no nvcc in CUDA_HOME/bin, CUDA_PATH/bin or PATH",
+          flush=True)
+else:
+    print(f"kvfast build: kvfast._C (host loader) and kvfast._C_cuda (CUDA part on: {NVCC})", flush=True)
 if Pybind11Extension is not None and NVCC is not None:
     try:
         cuda_includes, cuda_libraries = cuda_toolkit_dirs(NVCC)

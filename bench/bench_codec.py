@@ -45,7 +45,7 @@ import torch
 import kvfast
 from kvfast import _C
 from kvfast.format.codec import expcode
-from kvfast.hf import capture_kv
+from kvfast.hf.capture import capture_kv
 from report import machine, write_section
 
 try:  # optional baselines (see the docstring)

@@ -6,7 +6,7 @@ over every CTA and every thread of the grid (``host_emulation.cpp``). So these t
 
 - the sink: every chunk of a real .kvf file goes through what ``GpuSink::load`` enqueues after reading and checking
   it (``scatter``: the kernel with ``chunk_scatter_args``; ``dma``: the runs of ``chunk_dma_runs``), the CPU
-  standing in for the device, with the page geometry ``kvfast.load.native`` hands ``GpuLoadJob``; the cache must equal
+  standing in for the device, with the page geometry ``kvfast.loader.native`` hands ``GpuLoadJob``; the cache must equal
   the Python reference path's byte for byte, for every layout, block size, dtype, prefix and block order;
 - the kernels: a seeded sweep of thousands of random problems (element sizes, shapes, cache stacks, strided
   sources and index tensors, base addresses that narrow the copy word) against :mod:`kvfast.cache.ops`, whole buffers
@@ -25,7 +25,7 @@ import torch
 import kvfast
 from kvfast.cache import ops
 from kvfast.kernels import _checks
-from kvfast.load.native import GpuJob
+from kvfast.loader.native import GpuJob
 from tests.test_native_loader import FP, N, make_cache, save_random
 
 _C_cuda_host = pytest.importorskip("kvfast._C_cuda_host", reason="kvfast._C_cuda_host is not built")

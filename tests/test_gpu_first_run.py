@@ -26,10 +26,10 @@ import pytest
 import torch
 
 import kvfast
-import kvfast.load.native
-from kvfast.load import LoadHandle
-from kvfast.load.native import GpuJob
-from kvfast.load.reference import PythonJob
+import kvfast.loader.native
+from kvfast.loader import LoadHandle
+from kvfast.loader.native import GpuJob
+from kvfast.loader.reference import PythonJob
 from kvfast._backend import native_cuda
 
 HAS_GPU = torch.cuda.is_available()
@@ -151,7 +151,7 @@ def check_layers_on_side_streams(handle: LoadHandle, cache, keys, values) -> Non
 @pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("backend, method, layout", LOADS)
 def test_large_document_layer_by_layer_on_side_streams(raw_doc, monkeypatch, backend, method, layout, threads):
-    monkeypatch.setattr(kvfast.load.native, "GPU_RING_SLOTS", 2)  # the smallest ring: each slot is reused 128 / threads / 2 times
+    monkeypatch.setattr(kvfast.loader.native, "GPU_RING_SLOTS", 2)  # the smallest ring: each slot is reused 128 / threads / 2 times
     path, keys, values = raw_doc
     cache = new_cache(layout)
     handle = kvfast.load_async(path, cache, fingerprint=FP, backend=backend, method=method, threads=threads)

@@ -2,7 +2,7 @@
 
 The binding (kvfast._C_cuda.GpuLoadJob) records such a failure instead of raising it from wait(), so that
 LoadHandle.wait() settles the load as failed: the sequence's blocks are freed, and the error names the file and
-the CUDA call. These tests drive LoadHandle and kvfast.load.native.GpuJob on the CPU with a stand-in for the binding
+the CUDA call. These tests drive LoadHandle and kvfast.loader.native.GpuJob on the CPU with a stand-in for the binding
 that answers as it does after a failed cudaStreamSynchronize (a real one needs a GPU that fails on demand).
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 
 import kvfast
 from kvfast.errors import DeviceError
-from kvfast.load import LoadHandle
-from kvfast.load.native import GpuJob
+from kvfast.loader import LoadHandle
+from kvfast.loader.native import GpuJob
 
 DETAIL = "cudaStreamSynchronize(w.stream) failed: cudaErrorLaunchFailure (unspecified launch failure)"
 

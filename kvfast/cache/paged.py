@@ -195,6 +195,17 @@ class PagedKVCache:
         child.block_table, child.num_tokens = list(blocks), n
         return child
 
+    def truncate(self, seq: KVSequence, num_tokens: int) -> None:
+        """Keep only the first ``num_tokens`` tokens of ``seq``: whole blocks past them are released; a kept,
+        partly filled block that another sequence shares is copied before the next write (copy on write), so the
+        other sequence is untouched."""
+        if not 0 <= num_tokens <= seq.num_tokens:
+            raise ValueError(f"num_tokens must be in [0, {seq.num_tokens}], got {num_tokens}")
+        blocks = self.blocks_for(num_tokens)
+        self.allocator.decref(seq.block_table[blocks:])
+        del seq.block_table[blocks:]
+        seq.num_tokens = num_tokens
+
     def free(self, seq: KVSequence) -> None:
         """Drop ``seq``'s block references; blocks no other sequence holds return to the free list."""
         self.allocator.decref(seq.block_table)

@@ -12,7 +12,7 @@ from kvfast.cache.paged import KVSequence
 
 
 class CopyJob(Protocol):
-    """What runs a load: :class:`kvfast.load.native.NativeJob`, ``GpuJob`` or :class:`kvfast.load.reference.PythonJob`."""
+    """What runs a load: :class:`kvfast.loader.native.NativeJob`, ``GpuJob`` or :class:`kvfast.loader.reference.PythonJob`."""
 
     def finished(self) -> bool: ...
     def failed(self) -> bool: ...
