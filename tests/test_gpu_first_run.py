@@ -42,7 +42,7 @@ pytestmark = [
 LAYERS, TOKENS, HEADS, HEAD_DIM, CHUNK = 16, 2048, 8, 128, 256  # 134 MB of bf16 K and V, 128 chunks
 BLOCK_SIZE = 16
 FP = "sha256:" + "ef" * 32
-SLEEP_S = 1.0  # how long the long kernels hold their stream
+HOLD_S = 3.0  # how long the long kernels hold their stream: far longer than reading and enqueueing the document
 LOADS = [("native", "scatter", "NHD"), ("native", "scatter", "HND"), ("native", "dma", "NHD")]
 THREADS = [1, 4]
 
@@ -104,26 +104,27 @@ def new_cache(layout: str = "NHD", device: str = "cuda") -> kvfast.PagedKVCache:
 
 
 def start_after(path, cache, queue: Callable[[], None], backend: str, method: str | None = None,
-                threads: int = 2) -> LoadHandle:
-    """A load in kvfast.load_async's order (sequence allocated, then the job made), with ``queue()`` enqueuing work
-    on the caller's current stream in between. kvfast.load_async itself cannot show the ordering: allocating copies
-    the slots with a synchronous ``.to(device)``, which waits for the caller's stream before the job exists."""
+                threads: int = 2, tokens: int = TOKENS) -> LoadHandle:
+    """A load of the first ``tokens`` tokens in kvfast.load_async's order (sequence allocated, then the job made),
+    with ``queue()`` enqueuing work on the caller's current stream in between. kvfast.load_async itself cannot show
+    the ordering: allocating copies the slots with a synchronous ``.to(device)``, which waits for the caller's
+    stream before the job exists."""
     reader = kvfast.open(path)
     seq = cache.new_sequence()
-    slots = cache.append_slots(seq, TOKENS)
+    slots = cache.append_slots(seq, tokens)
     queue()
     table = np.asarray(seq.block_table, dtype=np.int64)
     if backend == "native":
-        job = GpuJob(reader, cache.pages, table, TOKENS, True, threads, method)
+        job = GpuJob(reader, cache.pages, table, tokens, True, threads, method)
         reader.close()  # the job reads through its own descriptor
     else:
-        job = PythonJob(reader, cache.pages, slots, TOKENS, True, close_reader=True, blocking=False)
-    return LoadHandle(job, num_layers=LAYERS, num_tokens=TOKENS, backend=backend, method=method or "decode",
+        job = PythonJob(reader, cache.pages, slots, tokens, True, close_reader=True, blocking=False)
+    return LoadHandle(job, num_layers=LAYERS, num_tokens=tokens, backend=backend, method=method or "decode",
                       device=cache.device, sequence=seq, on_failure=lambda: cache.free(seq))
 
 
 def hold_current_stream() -> None:
-    torch.cuda._sleep(sleep_cycles(SLEEP_S))
+    torch.cuda._sleep(sleep_cycles(HOLD_S))
 
 
 def same_bits(actual: torch.Tensor, expected: torch.Tensor) -> bool:
@@ -170,9 +171,12 @@ def test_coded_document_decoded_on_the_device_layer_by_layer_on_side_streams(cod
 # ===================================================================================================
 # A "not ready" answer, then a launch on the same thread
 # ===================================================================================================
-def test_layer_ready_not_yet_then_a_launch_on_the_same_thread(raw_doc):
+def test_layer_ready_not_yet_then_a_launch_on_the_same_thread(raw_doc, monkeypatch):
     from kvfast.kernels import cuda as cuda_kernels
 
+    # A worker reuses a ring slot only once the copy that read it landed, which the hold below delays: with a ring
+    # as long as a layer, layer 0 is enqueued however the workers share its chunks.
+    monkeypatch.setattr(kvfast.loader.native, "GPU_RING_SLOTS", TOKENS // CHUNK)
     path, keys, values = raw_doc
     cache = new_cache()
     # The job starts behind a long kernel on the caller's stream, so its layers are enqueued long before they land.
@@ -189,15 +193,17 @@ def test_layer_ready_not_yet_then_a_launch_on_the_same_thread(raw_doc):
         assert same_bits(cache.gather(seq, layer)[0], keys[layer])
 
 
-def test_done_only_when_every_copy_landed(raw_doc):
+def test_done_only_when_every_copy_landed(raw_doc, monkeypatch):
+    # One chunk per layer, and a ring that holds them all: every chunk is enqueued while the hold lasts.
+    monkeypatch.setattr(kvfast.loader.native, "GPU_RING_SLOTS", LAYERS)
     path, keys, values = raw_doc
     cache = new_cache()
-    handle = start_after(path, cache, hold_current_stream, "native", "scatter")
+    handle = start_after(path, cache, hold_current_stream, "native", "scatter", tokens=CHUNK)
     handle.stream_wait_layer(LAYERS - 1, torch.cuda.Stream())  # every chunk enqueued: the workers stop now
     time.sleep(0.2)
     assert not handle.done(), "done() while the copies still wait behind the caller's stream"
-    handle.wait()
-    assert handle.done()
+    seq = handle.wait()
+    assert handle.done() and same_bits(cache.gather(seq, LAYERS - 1)[0], keys[LAYERS - 1][:CHUNK])
 
 
 # ===================================================================================================
@@ -226,7 +232,7 @@ def test_a_load_does_not_wait_for_other_streams_and_reuses_its_staging(raw_doc, 
     pool = native_cuda.staging_pool_stats(device)
     busy = torch.cuda.Stream()
     with torch.cuda.stream(busy):
-        torch.cuda._sleep(sleep_cycles(2 * SLEEP_S))
+        torch.cuda._sleep(sleep_cycles(HOLD_S))
         busy_done = torch.cuda.Event()
         busy_done.record()
     start = time.perf_counter()

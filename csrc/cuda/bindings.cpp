@@ -196,8 +196,12 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "kvfast CUDA paged-cache kernels over raw device pointers (see kvfast/_C_cuda.pyi)";
   kc::def_paged_kv(
       m,
-      [](const kc::ScatterArgs& a, int device, uintptr_t stream) { return kc::scatter_kv(a, device, as_stream(stream)); },
-      [](const kc::GatherArgs& a, int device, uintptr_t stream) { return kc::gather_kv(a, device, as_stream(stream)); });
+      [](const kc::ScatterArgs& a, int device, uintptr_t stream) {
+        return kc::scatter_kv(a, device, as_stream(stream));
+      },
+      [](const kc::GatherArgs& a, int device, uintptr_t stream) {
+        return kc::gather_kv(a, device, as_stream(stream));
+      });
   py::class_<PyGpuLoadJob>(m, "GpuLoadJob",
                            "A load of .kvf chunks into a GPU's paged K/V pages: worker threads read into pinned "
                            "staging slots, CUDA streams copy (and scatter) them into the pages.")

@@ -68,7 +68,9 @@ int64_t emulate_gather(const kc::GatherArgs& args) {
 // ==========================================================================================================
 using Int64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
-[[noreturn]] void value_error(const std::string& msg) { throw py::value_error("kvfast._C_cuda_host.sink_chunk: " + msg); }
+[[noreturn]] void value_error(const std::string& msg) {
+  throw py::value_error("kvfast._C_cuda_host.sink_chunk: " + msg);
+}
 
 // What GpuSink::load enqueues after a chunk was read and checked, run here: "scatter" copies the staging slot to
 // device staging (here: the same bytes) and scatters it with the kernel's arguments from chunk_scatter_args;
@@ -77,11 +79,13 @@ int64_t sink_chunk(const std::string& method, std::array<int64_t, 7> chunk, uint
                    uintptr_t v_pages, std::array<int64_t, 7> geometry, int64_t elem_size, Int64Array block_table,
                    int64_t num_tokens) {
   if (method != "scatter" && method != "dma") value_error("method must be 'scatter' or 'dma', got '" + method + "'");
-  if (elem_size != 1 && elem_size != 2 && elem_size != 4 && elem_size != 8) value_error("elem_size must be 1, 2, 4 or 8");
+  if (elem_size != 1 && elem_size != 2 && elem_size != 4 && elem_size != 8)
+    value_error("elem_size must be 1, 2, 4 or 8");
   kvfast::PagedLayout layout;
   std::string problem = kc::parse_device_layout(geometry, elem_size, &layout);
   if (!problem.empty()) value_error(problem);
-  if (method == "dma" && !layout.rows_contiguous()) value_error("method 'dma' needs pages whose token rows are contiguous (NHD)");
+  if (method == "dma" && !layout.rows_contiguous())
+    value_error("method 'dma' needs pages whose token rows are contiguous (NHD)");
   if (block_table.ndim() != 1) value_error("block_table must be 1-d");
   std::vector<int64_t> table(block_table.data(), block_table.data() + block_table.size());
   problem = kvfast::check_block_table(table, num_tokens, layout);
@@ -108,7 +112,7 @@ int64_t sink_chunk(const std::string& method, std::array<int64_t, 7> chunk, uint
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda_host, m) {
-  m.doc() = "kvfast's CUDA kernels and GPU-sink arithmetic compiled for the CPU, for tests (see kvfast/_C_cuda_host.pyi)";
+  m.doc() = "kvfast's CUDA kernels and GPU-sink arithmetic compiled for the CPU, for tests (kvfast/_C_cuda_host.pyi)";
   kc::def_paged_kv(
       m, [](const kc::ScatterArgs& a, int, uintptr_t) { return emulate_scatter(a); },
       [](const kc::GatherArgs& a, int, uintptr_t) { return emulate_gather(a); });
