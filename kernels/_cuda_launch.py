@@ -82,7 +82,7 @@ class CudaKernels:
 
     def scatter_kv_layers(self, src: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, *,
                           layout: str = "NHD") -> None:
-        """Write one chunk of tokens for several layers in a single launch (the loader's staging buffer).
+        """Write one chunk of tokens for several layers in a single launch (a multi-layer staging buffer).
 
         Same contract as :func:`kvfast.cache.ops.scatter_kv_layers`, bit for bit.
 

@@ -128,7 +128,7 @@ def scatter_kv(src_k: torch.Tensor, src_v: torch.Tensor, k_cache: torch.Tensor, 
 
 def scatter_kv_layers(src: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, *,
                       layout: str = "NHD") -> None:
-    """Write one chunk of tokens for several layers in a single launch (the loader's staging buffer), in Triton.
+    """Write one chunk of tokens for several layers in a single launch (a multi-layer staging buffer), in Triton.
 
     Same contract as :func:`kvfast.cache.ops.scatter_kv_layers`, bit for bit.
 
