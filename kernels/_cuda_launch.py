@@ -57,25 +57,21 @@ class CudaKernels:
 
         Same contract as :func:`kvfast.cache.ops.scatter_kv` and :func:`kvfast.kernels.scatter_kv`, bit for bit.
 
-        Parameters
-        ----------
-        src_k, src_v : torch.Tensor
-            ``[num_tokens, num_kv_heads, head_dim]``, ``head_dim`` contiguous.
-        k_cache, v_cache : torch.Tensor
-            One layer's pages, NHD ``[num_blocks, block_size, H, D]`` or HND ``[num_blocks, H, block_size, D]``,
-            any view whose last dimension is contiguous (packed halves, kv-first / blocks-first stack entries).
-        slot_mapping : torch.Tensor
-            ``[num_tokens]`` int32/int64 (any stride) on the same device; ``-1`` skips the token. Other slots must be
-            below ``num_blocks * block_size`` (not checked: it would cost a device sync).
-        layout : {"NHD", "HND"}
+        Args:
+            src_k, src_v: ``[num_tokens, num_kv_heads, head_dim]``, ``head_dim`` contiguous.
+            k_cache, v_cache: One layer's pages, NHD ``[num_blocks, block_size, H, D]`` or HND ``[num_blocks, H,
+                block_size, D]``, any view whose last dimension is contiguous (packed halves, kv-first / blocks-first
+                stack entries).
+            slot_mapping: ``[num_tokens]`` int32/int64 (any stride) on the same device; ``-1`` skips the token. Other
+                slots must be below ``num_blocks * block_size`` (not checked: it would cost a device sync).
+            layout: one of {"NHD", "HND"}.
 
-        Examples
-        --------
-        >>> k_cache = torch.zeros(4, 16, 2, 8, device="cuda"); v_cache = torch.zeros_like(k_cache)  # doctest: +SKIP
-        >>> k = torch.randn(3, 2, 8, device="cuda")                                                 # doctest: +SKIP
-        >>> scatter_kv(k, k, k_cache, v_cache, torch.tensor([17, -1, 0], device="cuda"))            # doctest: +SKIP
-        >>> torch.equal(k_cache[0, 0], k[2])                                                         # doctest: +SKIP
-        True
+        Example:
+            >>> k_cache = torch.zeros(4, 16, 2, 8, device="cuda"); v_cache = torch.zeros_like(k_cache)  # doctest: +SKIP
+            >>> k = torch.randn(3, 2, 8, device="cuda")                                                 # doctest: +SKIP
+            >>> scatter_kv(k, k, k_cache, v_cache, torch.tensor([17, -1, 0], device="cuda"))            # doctest: +SKIP
+            >>> torch.equal(k_cache[0, 0], k[2])                                                         # doctest: +SKIP
+            True
         """
         self._launch_scatter(_checks.plan_scatter_one_layer(src_k, src_v, k_cache, v_cache, slot_mapping, layout,
                                                             self._device_type))
@@ -86,20 +82,15 @@ class CudaKernels:
 
         Same contract as :func:`kvfast.cache.ops.scatter_kv_layers`, bit for bit.
 
-        Parameters
-        ----------
-        src : torch.Tensor
-            ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]``: per layer K then V, ``head_dim`` contiguous.
-        cache : torch.Tensor
-            ``[num_layers, 2, num_blocks, *page]`` (``PagedKVCache.storage`` or a view of that shape; see
-            :func:`kvfast.kernels.scatter_kv_layers` for kv-first, blocks-first and packed stacks).
-        slot_mapping : torch.Tensor
-            ``[num_tokens]`` int32/int64, shared by every layer; ``-1`` skips the token.
-        layout : {"NHD", "HND"}
+        Args:
+            src: ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]``: per layer K then V, ``head_dim`` contiguous.
+            cache: ``[num_layers, 2, num_blocks, *page]`` (``PagedKVCache.storage`` or a view of that shape; see
+                :func:`kvfast.kernels.scatter_kv_layers` for kv-first, blocks-first and packed stacks).
+            slot_mapping: ``[num_tokens]`` int32/int64, shared by every layer; ``-1`` skips the token.
+            layout: one of {"NHD", "HND"}.
 
-        Examples
-        --------
-        >>> scatter_kv_layers(staging, cache.storage, slots, layout=cache.layout)  # doctest: +SKIP
+        Example:
+            >>> scatter_kv_layers(staging, cache.storage, slots, layout=cache.layout)  # doctest: +SKIP
         """
         self._launch_scatter(_checks.plan_scatter_layers(src, cache, slot_mapping, layout, self._device_type))
 
@@ -109,24 +100,18 @@ class CudaKernels:
 
         Same contract as :func:`kvfast.cache.ops.gather_kv`, bit for bit.
 
-        Parameters
-        ----------
-        k_cache, v_cache : torch.Tensor
-            One layer's pages in ``layout``, last dimension contiguous.
-        block_table : torch.Tensor
-            ``[>= ceil(num_tokens / block_size)]`` int32/int64 (any stride), the sequence's blocks in order (each
-            < num_blocks).
-        num_tokens : int
-        layout : {"NHD", "HND"}
+        Args:
+            k_cache, v_cache: One layer's pages in ``layout``, last dimension contiguous.
+            block_table: ``[>= ceil(num_tokens / block_size)]`` int32/int64 (any stride), the sequence's blocks in
+                order (each < num_blocks).
+            num_tokens:
+            layout: one of {"NHD", "HND"}.
 
-        Returns
-        -------
-        tuple of torch.Tensor
-            K and V, each a new contiguous ``[num_tokens, num_kv_heads, head_dim]`` tensor.
+        Returns:
+            tuple of torch.Tensor: K and V, each a new contiguous ``[num_tokens, num_kv_heads, head_dim]`` tensor.
 
-        Examples
-        --------
-        >>> k, v = gather_kv(cache.key_cache(0), cache.value_cache(0), table, 20)  # doctest: +SKIP
+        Example:
+            >>> k, v = gather_kv(cache.key_cache(0), cache.value_cache(0), table, 20)  # doctest: +SKIP
         """
         plan = _checks.plan_gather(k_cache, v_cache, block_table, num_tokens, layout, self._device_type)
         self._launch_gather(plan)
