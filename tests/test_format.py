@@ -898,3 +898,19 @@ def test_damaged_file_is_refused_or_read_back_exactly(fuzz_base, data):
         assert len(buf) == len(fuzz_base.blob)
         changed = np.frombuffer(bytes(buf), np.uint8) != np.frombuffer(fuzz_base.blob, np.uint8)
         assert not (changed & ~fuzz_base.padding).any()
+
+
+# Issue 17 point 10: manifests json.loads accepts that later code could not handle (a traceback in `inspect`, a
+# UnicodeEncodeError in Store.put, a ValueError in sign) are refused at parse time, naming the field.
+@pytest.mark.parametrize("old, new, field", [
+    (b'"fingerprint":"sha256:', b'"fingerprint":"\\ud800sha256:', "model.fingerprint"),
+    (b'"model":{', b'"model":{"\\udfff":1,', "model.\\udfff (its key)"),
+    (b'"metadata":{}', b'"metadata":{"note":"a\\udc80b"}', "metadata.note"),
+    (b'"model":{', b'"model":{"rope_theta":1e400,', "1e400"),
+    (b'"model":{', b'"model":{"x":[-1e999],', "-1e999"),
+])
+def test_surrogates_and_overflowing_numbers_are_refused_at_parse(small, tmp_path, old, new, field):
+    raw = manifest_bytes(small.blob)
+    assert old in raw
+    refused(written(tmp_path, with_manifest_bytes(small.blob, raw.replace(old, new, 1))), ManifestError,
+            re.escape(field))

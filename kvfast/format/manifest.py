@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,17 @@ def parse_json(raw: bytes, path: Path) -> dict[str, Any]:
     def no_constants(name: str) -> Any:
         raise ManifestError(f"manifest contains {name}, which JSON does not allow", path=path)
 
+    def finite(literal: str) -> float:
+        # json reads 1e400 as inf, which §3 forbids and canonical JSON (signing) cannot write back
+        value = float(literal)
+        if not math.isfinite(value):
+            raise ManifestError(f"manifest number {literal[:40]} overflows a double, which JSON does not allow",
+                                path=path)
+        return value
+
     try:
-        body = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=no_constants)
+        body = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=no_constants,
+                          parse_float=finite)
     except ManifestError:  # from the hooks above; a ValueError too, so it must pass before the next clause
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, and int()
@@ -38,7 +48,29 @@ def parse_json(raw: bytes, path: Path) -> dict[str, Any]:
         raise ManifestError(f"manifest is not valid UTF-8 JSON: {exc}", path=path) from None
     if not isinstance(body, dict):
         raise ManifestError("manifest must be a JSON object", path=path)
+    _no_surrogates(body, path)
     return body
+
+
+def _no_surrogates(body: dict[str, Any], path: Path) -> None:
+    """Refuse a string holding a lone surrogate (JSON's ``\\ud800`` escape): valid JSON, but not Unicode text, so
+    encoding it later (a store path, ``kvfast inspect``, a signed statement) would fail far from the file."""
+    stack: list[tuple[str, Any]] = [("", body)]  # iterative: nesting as deep as json.loads allows
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                name = key.encode("utf-8", "backslashreplace").decode()  # a message must itself encode
+                inner = f"{where}.{name}" if where else name
+                stack += [(f"{inner} (its key)", key), (inner, item)]
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ManifestError(f"manifest field {where[:200]} holds a lone surrogate (a \\ud800-\\udfff "
+                                    "escape), which is not Unicode text", path=path) from None
 
 
 def _field(obj: Any, key: str, kind: type | tuple[type, ...], path: Path, where: str) -> Any:
