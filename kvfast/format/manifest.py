@@ -11,6 +11,7 @@ from kvfast.format.spec import (
     CHECKSUMS,
     CODECS,
     DTYPES,
+    MAX_CHUNK_BYTES,
     MAX_CHUNK_TOKENS,
     MAX_HEAD_DIM,
     MAX_KV_HEADS,
@@ -154,6 +155,9 @@ def validate_manifest(m: Manifest, path: Path) -> None:
     if not (1 <= m.num_kv_heads <= MAX_KV_HEADS and 1 <= m.head_dim <= MAX_HEAD_DIM
             and 1 <= m.num_tokens <= MAX_TOKENS):
         raise ValueError(f"{path}: KV shape out of the format's limits (§3)")
+    if 2 * min(m.chunk_tokens, m.num_tokens) * m.token_row_bytes > MAX_CHUNK_BYTES:
+        raise ValueError(f"{path}: chunks of {m.chunk_tokens} tokens x {m.token_row_bytes}-byte rows exceed the "
+                         f"{MAX_CHUNK_BYTES}-byte chunk limit (§6); use a smaller chunk_tokens")
     if not isinstance(m.fingerprint, str):
         raise ValueError(f"fingerprint must be a string (kvfast.fingerprint(model)), got {m.fingerprint!r}")
     if m.tokenizer is not None and not isinstance(m.tokenizer, str):

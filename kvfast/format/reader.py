@@ -28,6 +28,7 @@ from kvfast.format.manifest import manifest_from_json, parse_json
 from kvfast.format.spec import (
     DTYPE_NAMES,
     MAGIC,
+    MAX_CHUNK_BYTES,
     MAX_MANIFEST_BYTES,
     PREAMBLE,
     VERSION,
@@ -37,6 +38,9 @@ from kvfast.format.spec import (
     chunk_ranges,
     region_offsets,
 )
+
+
+VERIFY_PIECE_BYTES = 1 << 20  # bytes read and checksummed at a time by KvfReader.verify
 
 
 class KvfReader:
@@ -97,6 +101,7 @@ class KvfReader:
             raise ManifestError(f"manifest length {manifest_len} exceeds the {MAX_MANIFEST_BYTES}-byte limit "
                                 "(§1)", path=self.path)
         raw = self._pread(PREAMBLE.size, manifest_len, "manifest")
+        self._header_parts = [head, raw]  # the bytes parsed, for header_sha256 (never a second read of them)
         if crc32c(raw) != manifest_crc:
             raise ChecksumError("manifest checksum mismatch: the manifest is corrupted", path=self.path)
         body = parse_json(raw, self.path)
@@ -114,6 +119,11 @@ class KvfReader:
         if tokens["offset"] != 0 or tokens["length"] != 4 * m.num_tokens:
             raise LayoutError(f"tokens region must be at offset 0 with length {4 * m.num_tokens} (§5), got "
                               f"offset {tokens['offset']} length {tokens['length']}", path=self.path)
+        chunk_bytes = 2 * min(m.chunk_tokens, m.num_tokens) * m.token_row_bytes
+        if chunk_bytes > MAX_CHUNK_BYTES:  # before any size derived from it is allocated
+            raise LayoutError(f"chunks of {min(m.chunk_tokens, m.num_tokens)} tokens x {m.token_row_bytes}-byte "
+                              f"rows hold {chunk_bytes} bytes (K and V), over the {MAX_CHUNK_BYTES}-byte limit "
+                              "(§6)", path=self.path)
         ranges = chunk_ranges(m.num_tokens, m.chunk_tokens)
         _, canonical = region_offsets(m, [c[1] for c in raw_chunks])
         chunks = []
@@ -145,6 +155,7 @@ class KvfReader:
 
     def _read_token_ids(self, tokens: dict[str, int]) -> torch.Tensor:
         raw = self._pread(self.data_start, tokens["length"], "token ids")
+        self._header_parts.append(raw)
         if crc32c(raw) != tokens["crc32c"]:
             raise ChecksumError("token ids checksum mismatch: the token region is corrupted", path=self.path)
         if hashlib.sha256(raw).hexdigest() != self.manifest.token_sha256:
@@ -155,6 +166,20 @@ class KvfReader:
     @property
     def num_tokens(self) -> int:
         return self.manifest.num_tokens
+
+    @property
+    def header_sha256(self) -> str:
+        """SHA-256 of every byte before the first chunk, over the preamble, manifest and token ids exactly as this
+        reader parsed them (what a signature's ``header_sha256`` covers); only the zero padding between them is
+        read again."""
+        head, manifest, tokens = self._header_parts
+        pad_a = self._pread(len(head) + len(manifest), self.data_start - len(head) - len(manifest), "padding")
+        token_end = self.data_start + len(tokens)
+        pad_b = self._pread(token_end, self.chunks[0].offset - token_end, "padding")
+        digest = hashlib.sha256()
+        for part in (head, manifest, pad_a, tokens, pad_b):
+            digest.update(part)
+        return digest.hexdigest()
 
     def chunk(self, layer: int, start_token: int) -> ChunkInfo:
         """The chunk of ``layer`` that holds token ``start_token``."""
@@ -175,11 +200,20 @@ class KvfReader:
             raise ValueError(f"out must be a contiguous uint8 array of {chunk.raw_length} bytes")
         if chunk.length == chunk.raw_length:  # raw, or stored verbatim (§7.1): read straight into out
             return self.read_stored(chunk, out, verify=verify)
+        return self.decode_stored(chunk, self.read_stored(chunk, verify=verify), out, threads=threads,
+                                  backend=backend)
+
+    def decode_stored(self, chunk: ChunkInfo, stored: np.ndarray, out: np.ndarray, *, threads: int = 1,
+                      backend: str = "auto") -> np.ndarray:
+        """``out`` (``raw_length`` uint8) filled with the decoding of a chunk's ``stored`` bytes (from
+        :meth:`read_stored`); the second half of :meth:`read_chunk`, for callers that also need the stored bytes."""
+        if chunk.length == chunk.raw_length:
+            out[:] = stored
+            return out
         m = self.manifest
         try:
-            return codecs.decode_chunk(m.codec, self.read_stored(chunk, verify=verify), out, chunk.stop - chunk.start,
-                                       m.num_kv_heads, m.head_dim, m.dtype.itemsize, where=_where(chunk),
-                                       backend=backend, threads=threads)
+            return codecs.decode_chunk(m.codec, stored, out, chunk.stop - chunk.start, m.num_kv_heads, m.head_dim,
+                                       m.dtype.itemsize, where=_where(chunk), backend=backend, threads=threads)
         except CodecError as exc:
             raise CodecError(str(exc), path=self.path) from None
 
@@ -217,9 +251,12 @@ class KvfReader:
         k = torch.empty(stop - start, m.num_kv_heads, m.head_dim, dtype=m.dtype)
         v = torch.empty_like(k)
         pos = start
+        buf = np.empty(0, dtype=np.uint8)  # one decoded chunk at a time (at most MAX_CHUNK_BYTES)
         while pos < stop:
             c = self.chunk(layer, pos)
-            ck, cv = self.split_chunk(c, self.read_chunk(c, verify=verify))
+            if buf.nbytes < c.raw_length:
+                buf = np.empty(c.raw_length, dtype=np.uint8)
+            ck, cv = self.split_chunk(c, self.read_chunk(c, buf[: c.raw_length], verify=verify))
             end = min(stop, c.stop)
             k[pos - start : end - start] = ck[pos - c.start : end - c.start]
             v[pos - start : end - start] = cv[pos - c.start : end - c.start]
@@ -227,10 +264,20 @@ class KvfReader:
         return k, v
 
     def verify(self) -> None:
-        """Read every chunk and check its checksum; raises :class:`ChecksumError` at the first bad one."""
-        buf = np.empty(max(c.raw_length for c in self.chunks), dtype=np.uint8)
+        """Read every chunk's stored bytes and check its checksum; raises :class:`ChecksumError` at the first bad
+        one. Streams: memory is one piece of :data:`VERIFY_PIECE_BYTES`, nothing is decoded (the checksum covers
+        the stored bytes), so a small coded file cannot make it allocate what its chunks decode to."""
+        piece = np.empty(min(VERIFY_PIECE_BYTES, max(1, *(c.length for c in self.chunks))), dtype=np.uint8)
         for c in self.chunks:
-            self.read_chunk(c, buf[: c.raw_length])
+            crc = 0
+            for at in range(c.offset, c.offset + c.length, piece.nbytes):
+                part = piece[: min(piece.nbytes, c.offset + c.length - at)]
+                if not read_exact(self._fd, memoryview(part), at):
+                    raise TruncatedFileError(f"chunk {c.index}: short read (the file shrank?)", path=self.path)
+                crc = crc32c(part, crc)
+            if crc != c.crc32c:
+                raise ChecksumError(f"{_where(c)} checksum mismatch: the file is corrupted; re-publish or fetch it "
+                                    "again", path=self.path)
 
     def fileno(self) -> int:
         """The descriptor of the file this reader validated. Read through it (or a ``dup`` of it), never by
@@ -238,9 +285,9 @@ class KvfReader:
         return self._fd
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        fd, self._fd = self._fd, -1  # forgotten before closing: a Ctrl-C in between must not close it twice
+        if fd >= 0:
+            os.close(fd)
 
     def __enter__(self) -> KvfReader:
         return self

@@ -32,6 +32,9 @@ MAX_KV_HEADS = 4096
 MAX_HEAD_DIM = 65536
 MAX_TOKENS = 1 << 31
 MAX_CHUNK_TOKENS = 1 << 20
+# §6: decoded bytes of one chunk (K and V). Readers decode a whole chunk at a time, so this bounds their memory
+# whatever a (compressed, tiny) file claims; 16x the largest chunk a 256-token default needs for known models.
+MAX_CHUNK_BYTES = 256 << 20
 
 # -- §4 dtypes ------------------------------------------------------------------------------------------
 DTYPES: dict[str, torch.dtype] = {

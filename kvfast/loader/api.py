@@ -22,10 +22,11 @@ from kvfast.cache.paged import KVSequence, PagedKVCache
 from kvfast.errors import CacheFullError, InvalidArgumentError
 from kvfast.format import KvfReader, open_kvf
 from kvfast.loader.compat import check_file
-from kvfast.loader.handle import LoadHandle
+from kvfast.loader.handle import CopyJob, LoadHandle, stop
 from kvfast.loader.native import GpuJob, NativeJob
 from kvfast.loader.reference import PythonJob
-from kvfast.trust.signing import PublicKeyLike, verify_signature
+from kvfast.loader.signed import SignedJob
+from kvfast.trust.signing import PublicKeyLike, SignedStatement, check_statement
 
 BACKENDS = ("auto", "native", "python")
 HOST_METHODS = ("preadv", "mmap", "odirect")  # how the native path reads into host pages
@@ -61,9 +62,11 @@ def load(path: Source, cache: PagedKVCache, *, model: Any | None = None, fingerp
             ``"mmap"`` or ``"odirect"``; for CUDA caches ``"auto"`` (= ``"scatter"``), ``"scatter"`` or
             ``"dma"``; only ``"auto"`` with ``backend="python"``.
         trusted_keys: Ed25519 public keys (:mod:`kvfast.trust.signing`); when given, the file must carry a signature
-            sidecar (``doc.kvf.sig``) by one of them over exactly its bytes, checked (every byte hashed) before
-            the load through the same open file. For repeated loads, put the file into a
-            ``Store(trusted_keys=...)``, which checks once on ingest.
+            sidecar (``doc.kvf.sig``) by one of them over exactly its bytes: the signed statement is checked
+            before the load, and the chunks are hashed as they are loaded (or read back from the pages they
+            landed in) and their Merkle root compared with the signed one before the sequence is returned, so
+            a file rewritten during the load cannot slip in unsigned bytes. For repeated loads, put the file into
+            a ``Store(trusted_keys=...)``, which checks once on ingest.
 
     Returns:
         A new :class:`KVSequence` holding ``num_tokens`` tokens. Free it with ``cache.free(seq)``.
@@ -146,14 +149,14 @@ def load_into(source: Source, pages: KVPages | PagedKVCache, block_ids: Sequence
         40
     """
     pages = pages.pages if isinstance(pages, PagedKVCache) else pages
-    reader, owned, n = _open_checked(source, pages, model, fingerprint, num_tokens, token_ids, trusted_keys)
+    reader, owned, n, signed = _open_checked(source, pages, model, fingerprint, num_tokens, token_ids, trusted_keys)
     try:
         table = pages.check_block_ids(block_ids, n)
     except BaseException:
         if owned:
             reader.close()
         raise
-    handle = _run(reader, owned, pages, table, n, verify, threads, backend, method, blocking=blocking)
+    handle = _run(reader, owned, pages, table, n, verify, threads, backend, method, blocking=blocking, signed=signed)
     if blocking:
         handle.wait()  # raises the load's error
     return handle
@@ -164,22 +167,29 @@ def _load(path: Source, cache: PagedKVCache, model: Any | None, fingerprint: str
           method: str, trusted_keys: Sequence[PublicKeyLike] | None, *, blocking: bool) -> LoadHandle:
     """Allocate a sequence for the checked prefix, then :func:`_run` into its blocks; the blocks are freed if the
     load fails."""
-    reader, owned, n = _open_checked(path, cache.pages, model, fingerprint, num_tokens, token_ids, trusted_keys)
+    reader, owned, n, signed = _open_checked(path, cache.pages, model, fingerprint, num_tokens, token_ids,
+                                             trusted_keys)
     seq = cache.new_sequence()
     try:
         cache.append_slots(seq, n)
-    except CacheFullError as e:
+        table = np.asarray(seq.block_table, dtype=np.int64)
+    except BaseException as e:  # CacheFullError, or Ctrl-C once blocks may be taken
+        cache.free(seq)
         if owned:
             reader.close()
-        raise CacheFullError(f"cannot load {n} tokens: {e}", path=reader.path) from None
-    return _run(reader, owned, cache.pages, np.asarray(seq.block_table, dtype=np.int64), n, verify, threads,
-                backend, method, blocking=blocking, sequence=seq, on_failure=lambda: cache.free(seq))
+        if isinstance(e, CacheFullError):
+            raise CacheFullError(f"cannot load {n} tokens: {e}", path=reader.path) from None
+        raise
+    return _run(reader, owned, cache.pages, table, n, verify, threads, backend, method, blocking=blocking,
+                signed=signed, sequence=seq, on_failure=lambda: cache.free(seq))
 
 
 def _open_checked(source: Source, pages: KVPages, model: Any | None, fingerprint: str | None,
                   num_tokens: int | None, token_ids: Sequence[int] | torch.Tensor | None,
-                  trusted_keys: Sequence[PublicKeyLike] | None) -> tuple[KvfReader, bool, int]:
-    """The reader (and whether this load owns it) and the number of tokens to load, after every check."""
+                  trusted_keys: Sequence[PublicKeyLike] | None
+                  ) -> tuple[KvfReader, bool, int, SignedStatement | None]:
+    """The reader (and whether this load owns it), the number of tokens to load, and the checked signature whose
+    Merkle root the loaded chunks must have (``trusted_keys`` given), after every check."""
     if model is None and fingerprint is None:
         where = source.path if isinstance(source, KvfReader) else os.fspath(source)
         raise InvalidArgumentError("kvfast.load needs model= or fingerprint= to check the file was made by that model",
@@ -187,21 +197,24 @@ def _open_checked(source: Source, pages: KVPages, model: Any | None, fingerprint
     reader = source if isinstance(source, KvfReader) else open_kvf(source)
     owned = reader is not source
     try:
-        if trusted_keys is not None:
-            verify_signature(reader, trusted_keys)
+        signed = None if trusted_keys is None else check_statement(reader, trusted_keys)
         n = check_file(reader, pages.kv_shape, pages.dtype, model=model, fingerprint=fingerprint,
                        num_tokens=num_tokens, token_ids=token_ids)
     except BaseException:
         if owned:
             reader.close()
         raise
-    return reader, owned, n
+    return reader, owned, n, signed
 
 
 def _run(reader: KvfReader, owned: bool, pages: KVPages, table: np.ndarray, n: int, verify: bool,
-         threads: int | None, backend: str, method: str, *, blocking: bool, sequence: KVSequence | None = None,
-         on_failure: Callable[[], None] | None = None) -> LoadHandle:
-    """Start the job that copies the first ``n`` tokens into blocks ``table`` of ``pages``."""
+         threads: int | None, backend: str, method: str, *, blocking: bool, signed: SignedStatement | None = None,
+         sequence: KVSequence | None = None, on_failure: Callable[[], None] | None = None) -> LoadHandle:
+    """Start the job that copies the first ``n`` tokens into blocks ``table`` of ``pages`` (its loaded bytes
+    compared with ``signed``'s Merkle root when given)."""
+    job: CopyJob | None = None
+    leaves: dict[int, bytes] | None = None if signed is None else {}
+    close_reader = owned and signed is None  # a signed load's check reads the chunks that were not loaded
     try:
         backend, method = _choose(backend, method, pages)
         threads = DEFAULT_THREADS if threads is None else threads
@@ -209,24 +222,30 @@ def _run(reader: KvfReader, owned: bool, pages: KVPages, table: np.ndarray, n: i
             raise ValueError(f"threads must be an int in [1, 256], got {threads!r}")
         if reader.manifest.codec != "raw":
             method = "decode"
-            job = PythonJob(reader, pages, pages.slot_mapping(table, 0, n), n, verify, close_reader=owned,
-                            blocking=blocking, threads=threads, decoder="native" if backend == "native" else "python")
+            job = PythonJob(reader, pages, pages.slot_mapping(table, 0, n), n, verify, close_reader=close_reader,
+                            blocking=blocking, threads=threads, decoder="native" if backend == "native" else "python",
+                            leaves=leaves)
         elif backend == "native":
             job = (GpuJob if pages.device.type == "cuda" else NativeJob)(reader, pages, table, n, verify, threads,
                                                                           method)
-            if owned:
+            leaves = None  # the native job's buffers stay in C++: SignedJob hashes the loaded pages
+            if close_reader:
                 reader.close()  # the job reads through its own duplicate of the descriptor
         else:
-            job = PythonJob(reader, pages, pages.slot_mapping(table, 0, n), n, verify, close_reader=owned,
-                            blocking=blocking)
-    except BaseException:
+            job = PythonJob(reader, pages, pages.slot_mapping(table, 0, n), n, verify, close_reader=close_reader,
+                            blocking=blocking, leaves=leaves)
+        if signed is not None:
+            job = SignedJob(job, reader, signed, leaves, pages, table, n, close_reader=owned)
+        return LoadHandle(job, num_layers=pages.num_layers, num_tokens=n, backend=backend, method=method,
+                          device=pages.device, sequence=sequence, on_failure=on_failure)
+    except BaseException:  # an error, or Ctrl-C before the handle that would give back the blocks exists
+        if job is not None:
+            stop(job)
         if on_failure is not None:
             on_failure()
         if owned:
             reader.close()
         raise
-    return LoadHandle(job, num_layers=pages.num_layers, num_tokens=n, backend=backend, method=method,
-                      device=pages.device, sequence=sequence, on_failure=on_failure)
 
 
 def _choose(backend: str, method: str, pages: KVPages) -> tuple[str, str]:

@@ -21,6 +21,20 @@ class CopyJob(Protocol):
     def wait(self, timeout: float | None) -> bool: ...
     def exception(self) -> BaseException | None: ...
     def stream_wait_layer(self, layer: int, stream: Any) -> bool: ...  # CUDA pages only
+    def cancel(self) -> None: ...  # stop after the chunks in flight; exception() then says so
+    def release(self) -> None: ...  # once finished and failed: close the file and drop buffers now, not at GC
+
+
+def stop(job: CopyJob) -> None:
+    """Cancel ``job`` and wait until its workers stopped, through further Ctrl-Cs: blocks must not be handed back
+    while a worker may still write them (workers stop after the chunk they are on)."""
+    job.cancel()
+    while True:
+        try:
+            job.wait(None)
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 class CompletedJob:
@@ -43,6 +57,12 @@ class CompletedJob:
 
     def exception(self) -> BaseException | None:
         return None
+
+    def cancel(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
 
 
 class LoadHandle:
@@ -121,23 +141,51 @@ class LoadHandle:
         """Block until the whole load is done and return :attr:`sequence`.
 
         Raises the load's error (after giving back what the load allocated: the cache is as before the load), or
-        ``TimeoutError`` after ``timeout`` seconds (the load goes on).
+        ``TimeoutError`` after ``timeout`` seconds (the load goes on). An exception raised while waiting, such as
+        ``KeyboardInterrupt`` from Ctrl-C, cancels the load, waits for its workers to stop, gives back what it
+        allocated, and propagates.
         """
-        if not self._job.wait(timeout):
+        try:
+            finished = self._job.wait(timeout)
+            if finished:
+                self._settle(self._job.exception())
+        except BaseException as exc:  # Ctrl-C (or another signal handler's exception) while waiting or settling
+            self._abandon(exc)
+            raise
+        if not finished:
             raise TimeoutError(f"load not finished within {timeout} s")
-        with self._lock:
-            callbacks = []
-            if not self._settled:
-                self._settled = True
-                self._error = self._job.exception()
-                if self._error is not None and self._on_failure is not None:
-                    self._on_failure()
-                callbacks, self._callbacks = self._callbacks, []
-        for fn in callbacks:
-            fn(self._error)
         if self._error is not None:
             raise self._error
         return self.sequence
+
+    def _settle(self, error: BaseException | None) -> None:
+        """Record the outcome once: on failure give back the blocks and the job's file; then the callbacks."""
+        with self._lock:
+            if self._settled:
+                return
+            self._settled, self._error = True, error
+            callbacks, self._callbacks = self._callbacks, []
+        if error is not None:
+            self._job.release()
+            if self._on_failure is not None:
+                self._on_failure()
+        for fn in callbacks:
+            fn(error)
+
+    def _abandon(self, exc: BaseException) -> None:
+        """The caller stops waiting with ``exc``: cancel, wait until no worker can write a block any more, then
+        settle as failed with ``exc``. A load that had already succeeded is given back too: the caller never
+        receives its sequence."""
+        stop(self._job)
+        with self._lock:
+            succeeded = self._settled and self._error is None
+            if succeeded:
+                self._error = exc
+        if succeeded:
+            if self._on_failure is not None:
+                self._on_failure()
+        else:
+            self._settle(exc)
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self._num_layers:

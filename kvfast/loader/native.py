@@ -12,6 +12,8 @@ and the binding boundary where native failures become kvfast's typed exceptions.
 """
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,9 @@ from kvfast.format import ChunkInfo, KvfReader
 
 PIECE_BYTES = 256 << 10  # bytes per read + checksum step, small enough to be checksummed from L2
 GPU_RING_SLOTS = 3  # pinned staging slots per worker: one being read, one in flight, one spare
+# The C++ wait holds no GIL and cannot see Ctrl-C: waits are cut into slices this long so Python's signal
+# handlers run between them (the latency of Ctrl-C during a load).
+WAIT_SLICE_S = 0.05
 
 
 def _host_pages(pages: KVPages, tensor: torch.Tensor) -> np.ndarray:
@@ -61,10 +66,18 @@ class NativeJob:
         return self._job.layer_ready(layer)
 
     def wait_layer(self, layer: int, timeout: float | None) -> bool:
-        return self._job.wait_layer(layer, -1.0 if timeout is None else max(0.0, timeout))
+        return _sliced(lambda s: self._job.wait_layer(layer, s), timeout)
 
     def wait(self, timeout: float | None) -> bool:
-        return self._job.wait(-1.0 if timeout is None else max(0.0, timeout))
+        return _sliced(self._job.wait, timeout)
+
+    def cancel(self) -> None:
+        self._job.cancel()
+
+    def release(self) -> None:
+        """Drop the finished native job (its duplicate descriptor, mapping and buffers) now: a failed load's
+        error and handle reference each other, so the garbage collector alone would hold them until a collection."""
+        self._job = _Finished(self._job.error())
 
     def exception(self) -> BaseException | None:
         """The job's error as a kvfast exception naming the file and the chunk, in the words of
@@ -90,6 +103,46 @@ class NativeJob:
         error = OSError(errno, f"{where}: {detail}", str(self._path))
         error.chunk = c.index
         return error
+
+
+def _sliced(wait: Callable[[float], bool], timeout: float | None) -> bool:
+    """``wait(seconds)`` repeated in slices of at most :data:`WAIT_SLICE_S` until it returns True or ``timeout``
+    (None: no limit) passed."""
+    deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+    while True:
+        left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic()))
+        if wait(left):
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+
+
+class _Finished:
+    """What is left of a released native job: its outcome, every wait over."""
+
+    def __init__(self, error: tuple[Any, ...] | None):
+        self._error = error
+
+    def error(self) -> tuple[Any, ...] | None:
+        return self._error
+
+    def finished(self) -> bool:
+        return True
+
+    def layer_ready(self, layer: int) -> bool:
+        return self._error is None
+
+    def wait_layer(self, layer: int, timeout: float) -> bool:
+        return True
+
+    def wait(self, timeout: float) -> bool:
+        return True
+
+    def stream_wait_layer(self, layer: int, stream: int) -> bool:
+        return self._error is None
+
+    def cancel(self) -> None:
+        pass
 
 
 class GpuJob(NativeJob):

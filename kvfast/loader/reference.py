@@ -8,6 +8,7 @@ writes straight into the pages. Any device.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 from collections.abc import Callable
 
@@ -15,29 +16,40 @@ import numpy as np
 import torch
 
 from kvfast.cache.pages import KVPages
-from kvfast.errors import CodecError
+from kvfast.errors import CodecError, LoadCancelledError
 from kvfast.format import ChunkInfo, KvfReader
 
 
 def copy_chunks(reader: KvfReader, pages: KVPages, slots: torch.Tensor, n: int, verify: bool,
                 on_layer: Callable[[int], None] | None = None, *, threads: int = 1, decoder: str = "auto",
-                device_decode: bool | None = None) -> None:
+                device_decode: bool | None = None, cancelled: threading.Event | None = None,
+                leaves: dict[int, bytes] | None = None) -> None:
     """The first ``n`` tokens of every layer into ``slots`` (``[n]`` int64) of ``pages``; ``on_layer(l)`` after
     layer ``l`` (layers are stored layer-major, so they complete in order). Coded chunks are decoded on the host,
     or by the Triton decoder into the pages when ``device_decode`` (default: for CUDA pages; tests force it on CPU
-    pages to run the kernel in Triton's interpreter)."""
+    pages to run the kernel in Triton's interpreter). Raises :class:`LoadCancelledError` at the first chunk
+    after ``cancelled`` is set. ``leaves`` (a signed load) receives each loaded chunk's SHA-256 of the stored
+    bytes it read, by chunk index: the same bytes that are then decoded and written."""
     staging = np.empty(max(c.raw_length for c in reader.chunks), dtype=np.uint8)
     device_decode = pages.device.type == "cuda" if device_decode is None else device_decode
     for chunk in reader.chunks:
         if chunk.start >= n:
             continue
+        if cancelled is not None and cancelled.is_set():
+            raise LoadCancelledError("the load was cancelled", path=reader.path, chunk=chunk.index)
         stop = min(chunk.stop, n)
         t = stop - chunk.start
         if device_decode and chunk.length != chunk.raw_length:
-            _decode_into_pages(reader, pages, chunk, slots[chunk.start : stop], verify)
+            _decode_into_pages(reader, pages, chunk, slots[chunk.start : stop], verify, leaves)
         else:
-            data = reader.read_chunk(chunk, staging[: chunk.raw_length], verify=verify, threads=threads,
-                                     backend=decoder)
+            data = staging[: chunk.raw_length]
+            if chunk.length == chunk.raw_length:  # raw, or stored verbatim (§7.1): read straight into staging
+                stored = reader.read_stored(chunk, data, verify=verify)
+            else:
+                stored = reader.read_stored(chunk, verify=verify)
+                reader.decode_stored(chunk, stored, data, threads=threads, backend=decoder)
+            if leaves is not None:
+                leaves[chunk.index] = hashlib.sha256(stored).digest()
             k, v = reader.split_chunk(chunk, data)
             pages.write(chunk.layer, slots[chunk.start : stop], k[:t].to(pages.device), v[:t].to(pages.device))
         if on_layer is not None and stop == n:
@@ -45,12 +57,14 @@ def copy_chunks(reader: KvfReader, pages: KVPages, slots: torch.Tensor, n: int, 
 
 
 def _decode_into_pages(reader: KvfReader, pages: KVPages, chunk: ChunkInfo, slots: torch.Tensor,
-                       verify: bool) -> None:
+                       verify: bool, leaves: dict[int, bytes] | None) -> None:
     """One coded chunk: stored bytes read and checked on the host, decoded on the pages' device into them."""
     from kvfast.format.codec import expcode
     from kvfast.kernels import expcode as expcode_kernels
 
     stored = reader.read_stored(chunk, verify=verify)
+    if leaves is not None:
+        leaves[chunk.index] = hashlib.sha256(stored).digest()
     slot_mapping = torch.full((chunk.stop - chunk.start,), -1, dtype=torch.int64)
     slot_mapping[: len(slots)] = slots.cpu()
     try:
@@ -73,7 +87,8 @@ class PythonJob:
     """
 
     def __init__(self, reader: KvfReader, pages: KVPages, slots: torch.Tensor, n: int, verify: bool, *,
-                 close_reader: bool, blocking: bool, threads: int = 1, decoder: str = "python"):
+                 close_reader: bool, blocking: bool, threads: int = 1, decoder: str = "python",
+                 leaves: dict[int, bytes] | None = None):
         self._ready = [False] * pages.num_layers
         self._finished = False
         self._error: BaseException | None = None
@@ -81,22 +96,23 @@ class PythonJob:
         self._device = pages.device if pages.device.type == "cuda" else None
         self._events: list[torch.cuda.Event | None] = [None] * pages.num_layers
         self._stream: torch.cuda.Stream | None = None
+        self._cancelled = threading.Event()
         if self._device is not None and not blocking:
             self._stream = torch.cuda.Stream(self._device)
             self._stream.wait_stream(torch.cuda.current_stream(self._device))
             slots.record_stream(self._stream)  # made on the caller's stream, read on the load's
-        args = (reader, pages, slots, n, verify, close_reader, threads, decoder)
+        args = (reader, pages, slots, n, verify, close_reader, threads, decoder, leaves)
         if blocking:
             self._run(*args)
         else:
             threading.Thread(target=self._run, args=args, name="kvfast-load", daemon=True).start()
 
     def _run(self, reader: KvfReader, pages: KVPages, slots: torch.Tensor, n: int, verify: bool, close_reader: bool,
-             threads: int, decoder: str) -> None:
+             threads: int, decoder: str, leaves: dict[int, bytes] | None) -> None:
         try:
             with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
                 copy_chunks(reader, pages, slots, n, verify, on_layer=self._layer_done, threads=threads,
-                            decoder=decoder)
+                            decoder=decoder, cancelled=self._cancelled, leaves=leaves)
                 if self._device is not None:  # finished means landed: done() and wait() promise the bytes
                     torch.cuda.current_stream(self._device).synchronize()
         except BaseException as exc:  # noqa: BLE001 - handed to wait()
@@ -155,3 +171,9 @@ class PythonJob:
 
     def exception(self) -> BaseException | None:
         return self._error
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def release(self) -> None:
+        pass  # the reader was closed when the copy ended

@@ -42,6 +42,7 @@ from kvfast.format import DTYPE_NAMES, KvfReader, open_kvf, token_sha256
 
 STATEMENT_VERSION = 1
 SIG_SUFFIX = ".sig"
+HASH_PIECE_BYTES = 1 << 20  # bytes read and hashed at a time: hashing memory is this per thread, not a chunk
 _DOMAIN = b"kvfast signed statement v1\0"  # signatures over statements can never pass for anything else
 
 if TYPE_CHECKING:
@@ -175,10 +176,12 @@ class Digests:
 
 
 def digests(reader: KvfReader, *, threads: int | None = None) -> Digests:
-    """Read every byte of the file once and hash it: header, each chunk's stored bytes; padding must be zero.
+    """Read every chunk of the file once and hash it; padding must be zero. The header's digest is the reader's
+    (:attr:`KvfReader.header_sha256`: the bytes it parsed).
 
     Reads go through the reader's own descriptor, the file it validated (reopening the path could find another
-    file, put there after the open); chunks are hashed on ``threads`` threads (default ``min(4, cpu_count)``).
+    file, put there after the open), in pieces of :data:`HASH_PIECE_BYTES` whatever size the manifest claims for
+    a chunk; chunks are hashed on ``threads`` threads (default ``min(4, cpu_count)``).
 
     Raises:
         SignatureError: padding between chunks is not zero (§2), or the file changed size since it was opened.
@@ -192,21 +195,22 @@ def digests(reader: KvfReader, *, threads: int | None = None) -> Digests:
             raise SignatureError(f"file has {size} bytes, its manifest {end}: it changed since it was opened",
                                  path=reader.path)
 
-        def read(offset: int, length: int) -> memoryview:
-            view = memoryview(bytearray(length))
-            if not read_exact(fd, view, offset):
-                raise SignatureError(f"short read at offset {offset}", path=reader.path)
-            return view
-
         def chunk_digest(i: int) -> bytes:
             c = chunks[i]
             nxt = chunks[i + 1].offset if i + 1 < len(chunks) else c.offset + c.length
-            data = read(c.offset, nxt - c.offset)  # stored bytes, then padding up to the next chunk
-            if data[c.length:] != bytes(len(data) - c.length):
-                raise SignatureError(f"padding after chunk {i} is not zero (§2)", path=reader.path)
-            return hashlib.sha256(data[: c.length]).digest()
+            digest = hashlib.sha256()
+            piece = bytearray(min(HASH_PIECE_BYTES, nxt - c.offset))
+            for at in range(c.offset, nxt, len(piece)):  # stored bytes, then padding up to the next chunk
+                n = min(len(piece), nxt - at)
+                if not read_exact(fd, memoryview(piece)[:n], at):
+                    raise SignatureError(f"short read at offset {at}", path=reader.path)
+                stored = max(0, min(n, c.offset + c.length - at))
+                digest.update(memoryview(piece)[:stored])
+                if piece.count(0, stored, n) != n - stored:
+                    raise SignatureError(f"padding after chunk {i} is not zero (§2)", path=reader.path)
+            return digest.digest()
 
-        header = hashlib.sha256(read(0, chunks[0].offset)).hexdigest()
+        header = reader.header_sha256
         with ThreadPoolExecutor(threads or DEFAULT_THREADS) as pool:
             leaves = tuple(pool.map(chunk_digest, range(len(chunks))))
     finally:
@@ -216,8 +220,12 @@ def digests(reader: KvfReader, *, threads: int | None = None) -> Digests:
 
 def statement(reader: KvfReader, found: Digests | None = None) -> dict[str, Any]:
     """The canonical statement of an open file (computes :func:`digests` unless given)."""
-    m = reader.manifest
     found = digests(reader) if found is None else found
+    return _statement(reader, found.merkle_root, found.header_sha256)
+
+
+def _statement(reader: KvfReader, root: str, header_sha256: str) -> dict[str, Any]:
+    m = reader.manifest
     return {
         "statement": "kvfast.kvf", "version": STATEMENT_VERSION,
         "tokens": {"count": m.num_tokens, "sha256": token_sha256(reader.token_ids)},
@@ -226,7 +234,7 @@ def statement(reader: KvfReader, found: Digests | None = None) -> dict[str, Any]
         "kv": {"num_layers": m.num_layers, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
                "dtype": DTYPE_NAMES[m.dtype], "layout": "NHD"},
         "codec": m.codec, "chunk_tokens": m.chunk_tokens, "num_chunks": len(reader.chunks),
-        "merkle_root": found.merkle_root, "header_sha256": found.header_sha256,
+        "merkle_root": root, "header_sha256": header_sha256,
     }
 
 
@@ -346,6 +354,61 @@ def verify_signature(path: str | os.PathLike | KvfReader, trusted_keys: Iterable
 
 def _verify_open(reader: KvfReader, trusted: dict[str, Ed25519PublicKey],
                  signature: str | os.PathLike | dict[str, Any] | None, threads: int | None) -> Verified:
+    side, sig_file = _sidecar(reader, trusted, signature)  # an untrusted signer is refused before any hashing
+    found = digests(reader, threads=threads)
+    body = _check(reader, trusted, side, sig_file, found.merkle_root)
+    return Verified(side["key_id"], found.merkle_root, found.header_sha256,
+                    hashlib.sha256(canonical(body)).hexdigest(), found.nbytes)
+
+
+@dataclass(frozen=True)
+class SignedStatement:
+    """A signature checked against everything in a file but its chunk bytes (:func:`check_statement`): what a
+    load compares the Merkle leaves of the bytes it loaded against, so the bytes checked are the bytes used.
+
+    Attributes:
+        key_id: the trusted key that signed.
+        merkle_root: the signed root the chunks' stored bytes must hash to.
+        path: the .kvf file.
+    """
+
+    key_id: str
+    merkle_root: str
+    path: Path
+
+    def check_leaves(self, leaves: Sequence[bytes]) -> None:
+        """Raise :class:`SignatureError` unless ``leaves`` (per chunk, in index order, SHA-256 of its stored bytes
+        as they were loaded) have the signed Merkle root."""
+        if merkle_root(leaves) != self.merkle_root:
+            raise SignatureError(f"the chunk bytes loaded do not have the merkle_root signed by {self.key_id}: the "
+                                 "file was changed after signing, or while it was being loaded", path=self.path)
+
+
+def check_statement(reader: KvfReader, trusted_keys: Iterable[PublicKeyLike], *,
+                    signature: str | os.PathLike | dict[str, Any] | None = None) -> SignedStatement:
+    """Check a file's signature over everything but its chunk bytes; the caller hashes those as it loads them and
+    calls :meth:`SignedStatement.check_leaves` (what :func:`kvfast.load` with ``trusted_keys`` does: one read).
+
+    The statement's ``merkle_root`` is the sidecar's claim, accepted only under a valid signature by a trusted
+    key; every other field is recomputed from the reader (the header from the bytes it parsed).
+
+    Raises:
+        SignatureError: as :func:`verify_signature`, except for the chunk bytes.
+    """
+    trusted = trusted_key_ids(trusted_keys)
+    if not trusted:
+        raise ValueError("trusted_keys is empty: give at least one public key")
+    side, sig_file = _sidecar(reader, trusted, signature)
+    root = side["statement"].get("merkle_root")
+    if not isinstance(root, str):
+        raise SignatureError("signature sidecar field 'statement.merkle_root' is missing or not a str", path=sig_file)
+    _check(reader, trusted, side, sig_file, root)
+    return SignedStatement(side["key_id"], root, reader.path)
+
+
+def _sidecar(reader: KvfReader, trusted: dict[str, Ed25519PublicKey],
+             signature: str | os.PathLike | dict[str, Any] | None) -> tuple[dict[str, Any], Path]:
+    """The sidecar's fields and path, refused unless signed by a key in ``trusted``."""
     if isinstance(signature, dict):
         sig_file = sig_path(reader.path)
         side = _checked(signature, sig_file)
@@ -356,8 +419,14 @@ def _verify_open(reader: KvfReader, trusted: dict[str, Ed25519PublicKey],
     if kid not in trusted:
         raise SignatureError(f"signed by key {kid}, which is not among the {len(trusted)} trusted key(s)",
                              path=sig_file)
-    found = digests(reader, threads=threads)
-    body = statement(reader, found)
+    return side, sig_file
+
+
+def _check(reader: KvfReader, trusted: dict[str, Ed25519PublicKey], side: dict[str, Any], sig_file: Path,
+           root: str) -> dict[str, Any]:
+    """The statement of ``reader`` with Merkle root ``root``, after checking it is the one the sidecar signed."""
+    kid = side["key_id"]
+    body = _statement(reader, root, reader.header_sha256)
     claimed = side["statement"]
     for field in sorted(set(body) | set(claimed)):
         if field not in body or field not in claimed or body[field] != claimed[field]:
@@ -372,8 +441,7 @@ def _verify_open(reader: KvfReader, trusted: dict[str, Ed25519PublicKey],
         trusted[kid].verify(raw_sig, _DOMAIN + canonical(body))
     except (InvalidSignature, ValueError):
         raise SignatureError(f"signature by {kid} is not valid for this statement", path=sig_file) from None
-    return Verified(kid, found.merkle_root, found.header_sha256, hashlib.sha256(canonical(body)).hexdigest(),
-                    found.nbytes)
+    return body
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
