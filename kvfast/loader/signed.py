@@ -68,17 +68,19 @@ class SignedJob:
         return self._landed_leaf(chunk)
 
     def _landed_leaf(self, chunk: ChunkInfo) -> bytes:
-        """SHA-256 of a raw chunk's stored bytes (K rows, then V rows) as they are in the pages; rows past ``n``,
-        which were only checksummed, from the file."""
+        """SHA-256 of a raw chunk's stored bytes (K rows, then V rows) as they are in the pages, read a run of
+        tokens within one block at a time (one slice, no gather); rows past ``n``, only checksummed, from the file."""
         pages, row = self._pages, self._reader.manifest.token_row_bytes
-        stop = min(chunk.stop, self._n)
-        tokens = torch.arange(chunk.start, stop)
-        blocks = torch.as_tensor(self._table)[tokens // pages.block_size].to(pages.device)
-        offsets = (tokens % pages.block_size).to(pages.device)
+        bs, stop = pages.block_size, min(chunk.stop, self._n)
         digest = hashlib.sha256()
         for kv, layer_pages in enumerate((pages.keys[chunk.layer], pages.values[chunk.layer])):
-            rows = pages.token_major(layer_pages)[blocks, offsets]  # [tokens, H, D], a copy
-            digest.update(rows.contiguous().cpu().view(torch.uint8).numpy())
+            rows = pages.token_major(layer_pages).view(torch.uint8)  # [blocks, block_size, H, D * itemsize]
+            t = chunk.start
+            while t < stop:
+                run = min(bs - t % bs, stop - t)
+                piece = rows[int(self._table[t // bs]), t % bs : t % bs + run]
+                digest.update(piece.contiguous().cpu().numpy())  # a view for host NHD pages
+                t += run
             if stop < chunk.stop:
                 at = chunk.offset + (kv * (chunk.stop - chunk.start) + stop - chunk.start) * row
                 tail = bytearray((chunk.stop - stop) * row)
