@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kvfast.format import DTYPE_NAMES, DTYPES, KvfReader
-from kvfast.store.entry import KEY_RE, StoreEntry, StoreKey, fp_dirname
+from kvfast.store.entry import KEY_RE, StoreEntry, StoreKey, check_document_key, fp_dirname
 
 STORE_VERSION = 1
 # Linux stamps files with a coarse clock (a few ms): a directory changed again within the same tick keeps
@@ -50,9 +50,9 @@ class DiskIndex:
         return self.data / fp_dirname(fp)
 
     def paths(self, key: StoreKey) -> tuple[Path, Path]:
-        """The entry's .kvf file and its sidecar."""
-        folder = self.folder(key.fingerprint)
-        return folder / f"{key.document}.kvf", folder / f"{key.document}.json"
+        """The entry's .kvf file and its sidecar (both parts of ``key`` checked: no name leaves its folder)."""
+        folder, doc = self.folder(key.fingerprint), check_document_key(key.document)
+        return folder / f"{doc}.kvf", folder / f"{doc}.json"
 
     def dirnames(self) -> list[str]:
         return [d.name for d in self.data.iterdir() if d.is_dir() and not d.name.startswith(".")]

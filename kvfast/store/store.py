@@ -33,7 +33,7 @@ import torch
 from kvfast._fs import fsync_file
 from kvfast.cache.pages import KVPages
 from kvfast.cache.paged import KVSequence, PagedKVCache
-from kvfast.errors import FormatError, SignatureError, TokenMismatchError
+from kvfast.errors import FormatError, InvalidArgumentError, ManifestError, SignatureError, TokenMismatchError
 from kvfast.format import DTYPES, KvfReader, open_kvf, save_kv
 from kvfast.hf.capture import publish as hf_publish
 from kvfast.format.spec import token_array
@@ -43,7 +43,8 @@ from kvfast.loader import LoadHandle, load, load_into
 from kvfast.loader.compat import check_fits
 from kvfast.loader.handle import CompletedJob
 from kvfast.store import gc as gc_
-from kvfast.store.entry import StoreEntry, StoreKey, StoreMatch, StoreStats
+from kvfast.store.entry import (StoreEntry, StoreKey, StoreMatch, StoreStats, check_fingerprint, check_key,
+                                check_tenant_id)
 from kvfast.store.tiers.device import Root, DeviceTier
 from kvfast.store.tiers.disk import DiskTier
 from kvfast.store.tiers.ram import RamTier
@@ -104,8 +105,8 @@ class Store:
         self.root = Path(root)
         self._salt = tenant
         self.tenant_id = "" if tenant is None else hmac.new(tenant, b"kvfast tenant id", "sha256").hexdigest()[:32]
-        self.disk = DiskTier(self.root, None if tenant is None else self.root / ".tenants" / self.tenant_id,
-                             block_tokens)
+        data = None if tenant is None else self.root / ".tenants" / check_tenant_id(self.tenant_id)
+        self.disk = DiskTier(self.root, data, block_tokens)
         self.block_tokens = self.disk.block_tokens
         self.ram = RamTier(ram_bytes)
         self.device = DeviceTier(device_blocks, self.ram)
@@ -147,7 +148,7 @@ class Store:
 
     @staticmethod
     def _fingerprint(model: Any) -> str:
-        return model if isinstance(model, str) else model_fingerprint(model)
+        return check_fingerprint(model) if isinstance(model, str) else model_fingerprint(model)
 
     # -- publishing ----------------------------------------------------------------------------------------------
     def put(self, source: str | os.PathLike | KvfReader | tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]], *,
@@ -191,7 +192,7 @@ class Store:
         if token_ids is None or fingerprint is None:
             raise TypeError("put((keys, values), ...) needs token_ids= and fingerprint=")
         keys, values = source
-        key = StoreKey(fingerprint, self.document_key(token_ids))
+        key = StoreKey(check_fingerprint(fingerprint), self.document_key(token_ids))
         if (existing := self._existing(key)) is not None:
             return existing
         tmp = self.disk.tmp_path(".kvf")
@@ -221,7 +222,10 @@ class Store:
 
     def _put_file(self, src: Path, verify: bool, signature: str | os.PathLike | None) -> StoreEntry:
         with open_kvf(src) as r:  # cheap: validates header and tokens, finds the key before any copy
-            key = StoreKey(r.manifest.fingerprint, self.document_key(r.token_ids))
+            try:  # the fingerprint names the entry's folder: it must have the grammar a path may take
+                key = StoreKey(check_fingerprint(r.manifest.fingerprint), self.document_key(r.token_ids))
+            except InvalidArgumentError as exc:
+                raise ManifestError(f"model.fingerprint: {exc}; not stored", path=src) from None
         if (existing := self._existing(key)) is not None:
             return existing
         tmp = self.disk.tmp_path(".kvf")
@@ -306,14 +310,25 @@ class Store:
     def get(self, key: StoreKey | tuple[str, str]) -> StoreEntry | None:
         """The entry stored under ``key`` = (fingerprint, document key), or None.
 
+        Raises:
+            InvalidArgumentError: the fingerprint or document key does not have its grammar (``sha256:`` and 64
+                hex digits; 64 hex digits).
+
         Example:
             >>> store.get((kvfast.fingerprint(model), kvfast.document_key(doc_ids)))  # doctest: +SKIP
         """
+        key = check_key(key)
         with self._mutex:
-            return self.disk.index.get(StoreKey(*key))
+            return self.disk.index.get(key)
 
     def list(self, fingerprint: str | None = None) -> list[StoreEntry]:  # noqa: A003 - the store's listing
-        """Every stored entry (of one model when ``fingerprint`` is given), sorted by key."""
+        """Every stored entry (of one model when ``fingerprint`` is given), sorted by key.
+
+        Raises:
+            InvalidArgumentError: ``fingerprint`` is not ``sha256:`` and 64 hex digits.
+        """
+        if fingerprint is not None:
+            check_fingerprint(fingerprint)
         with self._mutex:
             return sorted(self.disk.index.entries(fingerprint), key=lambda e: e.key)
 
@@ -451,6 +466,7 @@ class Store:
         next load is one copy from memory), and the load is recorded in the usage ledger once it has landed.
 
         Raises:
+            InvalidArgumentError: the fingerprint or document key does not have its grammar.
             KeyError: no entry under ``key``.
             SignatureError: the store has ``trusted_keys`` and the entry is not signed by one of them.
             Everything :func:`kvfast.load_into` raises.
@@ -459,7 +475,7 @@ class Store:
             >>> handle = store.load_into(match.entry.key, pages, vllm_block_ids, prompt[:n])  # doctest: +SKIP
             >>> handle.wait_layer(0)                                                          # doctest: +SKIP
         """
-        key = StoreKey(*key)
+        key = check_key(key)
         ids = token_array(token_ids)
         started = time.perf_counter()
         with self._mutex:
@@ -562,8 +578,11 @@ class Store:
 
         Agents attached to it keep their sequences. The sidecar goes first (the entry disappears
         atomically), then the .kvf file.
+
+        Raises:
+            InvalidArgumentError: the fingerprint or document key does not have its grammar; nothing is touched.
         """
-        key = StoreKey(*key)
+        key = check_key(key)  # before any path is made of it: "../x" or "/x" would name files outside the store
         existed = self.disk.remove(key)
         self._forget(key)
         return existed
