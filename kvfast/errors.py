@@ -131,5 +131,6 @@ def file_access_error(exc: OSError, path: str | os.PathLike, doing: str) -> File
     what = {errnos.ENOENT: "no such file or folder", errnos.EISDIR: "is a folder, expected a file",
             errnos.ENOTDIR: "a parent of this path is a file, not a folder",
             errnos.EACCES: "permission denied", errnos.EPERM: "permission denied",
-            errnos.ENOSPC: "no space left on the device"}.get(exc.errno, exc.strerror or str(exc))
+            errnos.ENOSPC: "no space left on the device",
+            errnos.ELOOP: "is a symbolic link, which kvfast does not follow here"}.get(exc.errno, exc.strerror or str(exc))
     return FileAccessError(f"{doing}: {what}", path=path, errno=exc.errno)
