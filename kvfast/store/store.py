@@ -11,7 +11,8 @@ The data's path, and the module that handles each step:
     gc:      temp files, orphans, invalid sidecars, disk budget (gc.py)
 
 This module is the facade: it holds the tiers, the counters and the trust policy, and hands each step to its
-part. ``ROOT/LEDGER.jsonl`` records every load it serves (:class:`kvfast.Ledger`).
+part. ``ROOT/LEDGER.jsonl`` (a tenant's: ``ROOT/.tenants/<tenant_id>/LEDGER.jsonl``) records every load it
+serves (:class:`kvfast.Ledger`).
 """
 from __future__ import annotations
 
@@ -83,7 +84,8 @@ class Store:
             records the verification in the entry; :meth:`attach` refuses entries not signed by one of these
             keys (or computed by a store with the model, :meth:`publish`) with :class:`SignatureError`. The
             full digests are checked once, on ingest; attaching reads the record only.
-        ledger: append a record of every served load to the root's usage ledger (:class:`kvfast.Ledger`).
+        ledger: append a record of every served load to the usage ledger (:class:`kvfast.Ledger`): the root's, or
+            for a tenant its own in its folder, so a tenant's ``ledger.records()`` holds only its own loads.
 
     Example:
         >>> store = kvfast.Store("/srv/kv", ram_bytes=8 << 30)                      # doctest: +SKIP
@@ -114,7 +116,7 @@ class Store:
         self._trusted = None if trusted_keys is None else trusted_key_ids(trusted_keys)
         if self._trusted is not None and not self._trusted:
             raise ValueError("trusted_keys is empty: give at least one public key, or None to trust any entry")
-        self.ledger = Ledger(self.root) if ledger else None
+        self.ledger = Ledger(self.disk.data) if ledger else None
         self._mutex = threading.RLock()
         self._num_params: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._last_used: dict[StoreKey, float] = {}  # monotonic time of the last attach
