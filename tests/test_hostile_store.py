@@ -2,7 +2,8 @@
 9, 12): names that try to leave their folder, files that are not files, symbolic links planted in the root, a
 torn ledger, one tenant reading another's usage, and a size that went stale behind a long-lived store.
 
-Every test uses real files, real FIFOs and symbolic links, and real stores; each fails on the code before the fix.
+Every test uses real files, real FIFOs and symbolic links, real stores and processes; each fails on the code
+before the fix, but for the linked-root test, which guards what already worked.
 """
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ def test_remove_cannot_leave_the_entrys_folder(tmp_path):
 def test_a_tenant_cannot_reach_another_tenants_entry(tmp_path):
     a, b = kvfast.Store(tmp_path, tenant=SALT_A), kvfast.Store(tmp_path, tenant=SALT_B)
     victim = put(b, 0)
+    put(a, 1)  # A's model folder exists: the kernel resolves "<A's folder>/../../<B>/..." through it
     traversal = f"../../{b.tenant_id}/sha256-{'5a' * 32}/{victim.key.document}"
     for call in (lambda: a.remove((FP, traversal)), lambda: a.get((FP, traversal)),
                  lambda: a.load_into((FP, traversal), new_cache().pages, [0, 1, 2], doc_ids(40, 0))):
@@ -421,14 +423,11 @@ def test_a_tenant_reads_only_its_own_ledger(tmp_path, capsys):
 
 # -- 12: a long-lived store sees an entry another process removed and put again ---------------------------------
 REPUT = """
-import sys, torch, kvfast
-root, codec = sys.argv[1], sys.argv[2]
-g = torch.Generator().manual_seed(0)
-ids = torch.randint(0, 1000, (40,), generator=torch.Generator().manual_seed(0)).tolist()
-kv = ([torch.randn(40, 2, 8, generator=g) for _ in range(2)], [torch.randn(40, 2, 8, generator=g) for _ in range(2)])
-store = kvfast.Store(root)
+import sys, kvfast
+from tests.test_hostile_store import put
+store = kvfast.Store(sys.argv[1])
 assert store.remove(store.list()[0].key)
-print(store.put(kv, token_ids=ids, fingerprint="sha256:" + "5a" * 32, codec=codec).file_bytes)
+print(put(store, 0, codec=sys.argv[2]).file_bytes)
 """
 
 
@@ -437,7 +436,7 @@ def test_a_long_lived_store_sees_a_replaced_entrys_size(tmp_path):
     entry = put(store, 0, codec="raw")
     assert store.stats().disk_bytes == entry.file_bytes == entry.path.stat().st_size
     proc = subprocess.run([sys.executable, "-c", REPUT, str(tmp_path), "expcode-v1"], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     new_size = int(proc.stdout.split()[-1])
     assert new_size != entry.file_bytes and new_size == entry.path.stat().st_size
