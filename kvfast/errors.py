@@ -17,11 +17,13 @@ class KvfastError(Exception):
     Attributes:
         path: the file at fault, or None.
         chunk: the index of the chunk at fault (docs/FORMAT.md §5), or None.
+        detail: the message without the path (for an error that wraps this one and names the path itself).
     """
 
     def __init__(self, message: str, *, path: str | os.PathLike | None = None, chunk: int | None = None):
         self.path = os.fspath(path) if path is not None else None
         self.chunk = chunk
+        self.detail = message
         super().__init__(f"{self.path}: {message}" if self.path else message)
 
 

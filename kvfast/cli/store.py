@@ -12,7 +12,6 @@ import kvfast
 from kvfast._fs import is_real_dir
 from kvfast.cli.common import EXIT_FAILED_CHECK, EXIT_OK, fail, format_rows
 from kvfast.errors import InvalidArgumentError, LedgerError
-from kvfast.store.entry import TENANT_ID_RE, check_tenant_id
 
 
 # -- kvfast store: the provider-side store ---------------------------------------------------------------
@@ -115,6 +114,8 @@ def cmd_store_gc(args: argparse.Namespace) -> int:
 
 def _ledgers(root: Path, tenant: str | None) -> dict[str, kvfast.Ledger]:
     """The store's ledgers by tenant id ("" for the shared one): each tenant's lives in its own folder."""
+    from kvfast.store.entry import TENANT_ID_RE, check_tenant_id  # imports torch: not while parsers are built
+
     if tenant is not None:
         try:
             return {tenant: kvfast.Ledger(root / ".tenants" / check_tenant_id(tenant))}

@@ -241,8 +241,7 @@ class Store:
                         r.verify()
                     copied = StoreKey(r.manifest.fingerprint, self.document_key(r.token_ids))
             except FormatError as exc:  # name the caller's file, not the store's private copy of it
-                detail = str(exc).removeprefix(f"{exc.path}: ") if exc.path else str(exc)
-                raise type(exc)(f"{detail}; not stored", path=src) from None
+                raise type(exc)(f"{exc.detail}; not stored", path=src) from None
             if copied != key:
                 raise FormatError("the file changed while it was being copied into the store; put it again",
                                   path=src)

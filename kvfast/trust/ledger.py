@@ -117,7 +117,7 @@ class Ledger:
         except FileAccessError as exc:
             if exc.errno == errno.ENOENT:
                 return None
-            raise LedgerError(str(exc).removeprefix(f"{path}: "), path=path) from None
+            raise LedgerError(exc.detail, path=path) from None
         try:
             return os.pread(fd, st.st_size, 0)
         finally:

@@ -27,8 +27,8 @@ Example:
 from __future__ import annotations
 
 import base64
-import hashlib
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -106,7 +106,7 @@ def _read_key_file(path: str | os.PathLike, *, private: bool) -> bytes:
     try:
         data, st = read_small_file(path, MAX_KEY_BYTES)
     except FileAccessError as exc:
-        raise SignatureError(f"cannot use this {'private' if private else 'public'} key ({_detail(exc)})",
+        raise SignatureError(f"cannot use this {'private' if private else 'public'} key ({exc.detail})",
                              path=path) from None
     loose = stat.S_IRWXG | stat.S_IRWXO if private else stat.S_IWOTH
     if st.st_mode & loose:
@@ -115,11 +115,6 @@ def _read_key_file(path: str | os.PathLike, *, private: bool) -> bytes:
                       f"{stat.S_IMODE(st.st_mode):o}); chmod {'600' if private else 'go-w'} it", RuntimeWarning,
                       stacklevel=3)
     return data
-
-
-def _detail(exc: FileAccessError) -> str:
-    """The message of ``exc`` without the path it starts with (the new error names the path itself)."""
-    return str(exc).removeprefix(f"{exc.path}: ")
 
 
 def load_private_key(key: Ed25519PrivateKey | str | os.PathLike) -> Ed25519PrivateKey:
@@ -342,7 +337,7 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     except FileAccessError as exc:
         if exc.errno == errno.ENOENT:
             raise SignatureError("no signature (an unsigned artifact; sign it with `kvfast sign`)", path=p) from None
-        raise SignatureError(f"cannot use this signature sidecar ({_detail(exc)})", path=p) from None
+        raise SignatureError(f"cannot use this signature sidecar ({exc.detail})", path=p) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise SignatureError(f"signature sidecar is not JSON ({exc})", path=p) from None
     return _checked(body, p)
