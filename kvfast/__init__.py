@@ -16,6 +16,7 @@ from kvfast.errors import (
     ManifestError,
     ModelMismatchError,
     NotKvfError,
+    OriginError,
     PagesError,
     ShapeMismatchError,
     SignatureError,
@@ -29,6 +30,7 @@ from kvfast.format import open_kvf as open  # noqa: A001 - kvfast.open mirrors s
 from kvfast.hf import GenerationOutput, PagedCache, VerifyReport, capture_kv, extend, generate, publish, verify
 from kvfast.identity import block_hashes, checkpoint_fingerprint, document_key, fingerprint
 from kvfast.load import LoadHandle, load, load_async, load_into
+from kvfast.origin import Origin, OriginConfig
 from kvfast.store import Store, StoreEntry, StoreKey, StoreMatch, StoreStats
 from kvfast.trust.audit import AuditReport, audit
 from kvfast.trust.ledger import Ledger
@@ -44,5 +46,6 @@ __all__ = [
     "UnsupportedCodecError", "UnsupportedVersionError", "VerifyReport", "backend", "block_hashes", "capture_kv",
     "checkpoint_fingerprint", "document_key", "extend", "fingerprint", "generate", "load", "load_async", "load_into", "open",
     "publish", "save_kv", "verify",
+    "Origin", "OriginConfig", "OriginError",
     "AuditReport", "Ledger", "LedgerError", "SignatureError", "audit", "keygen", "sign", "verify_signature",
 ]

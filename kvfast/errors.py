@@ -108,3 +108,10 @@ class SignatureError(KvfastError):
 
 class LedgerError(KvfastError):
     """The ledger is unreadable or its hash chain is broken (a record edited, deleted or reordered)."""
+
+
+# -- the origin (an S3-compatible object store) ------------------------------------------------------------
+class OriginError(KvfastError, OSError):
+    """The origin (an S3-compatible object store, or a presigned URL) could not serve a request: unreachable,
+    timed out, refused (credentials, permissions, an expired or altered presigned URL), or it holds an object that
+    disagrees with its index entry. The message names the URL; nothing was written to a local tier."""
