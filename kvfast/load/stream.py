@@ -106,8 +106,10 @@ class Piece:
     chunks: tuple[ChunkInfo, ...]
 
 
-def plan_pieces(chunks: list[ChunkInfo], piece_bytes: int = PIECE_BYTES) -> list[Piece]:
-    """Group chunks (in file order) into ranged GETs of at most ``piece_bytes`` (a larger chunk goes alone)."""
+def plan_pieces(chunks: list[ChunkInfo], piece_bytes: int | None = None) -> list[Piece]:
+    """Group chunks (in file order) into ranged GETs of at most ``piece_bytes`` (default ``PIECE_BYTES``; a larger
+    chunk goes alone)."""
+    piece_bytes = PIECE_BYTES if piece_bytes is None else piece_bytes
     pieces: list[Piece] = []
     group: list[ChunkInfo] = []
     for c in chunks:
