@@ -124,16 +124,24 @@ class Origin:
         if isinstance(body, str):
             with open(body, "rb") as f:
                 body = f.read()
-        try:
-            self._call("conditional PUT", name,
-                       lambda o: o.put(self._store, self.key(name), body, mode="create", use_multipart=False))
-        except (obstore.exceptions.AlreadyExistsError, obstore.exceptions.PreconditionError):
-            return False
-        except OriginError as exc:
-            if "PreconditionFailed" in str(exc) or "412" in str(exc):
+        for attempt in range(3):
+            try:
+                self._call("conditional PUT", name,
+                           lambda o: o.put(self._store, self.key(name), body, mode="create", use_multipart=False))
+            except (obstore.exceptions.AlreadyExistsError, obstore.exceptions.PreconditionError):
                 return False
-            raise
-        return True
+            except OriginError as exc:
+                if "PreconditionFailed" in str(exc) or "412" in str(exc):
+                    return False
+                # A concurrent conditional write may be answered 409 (ConditionalRequestConflict) or the reply
+                # lost: the object's presence decides, as the PUT is all or nothing.
+                if self.size(name) is not None:
+                    return False
+                if attempt == 2:
+                    raise
+                continue
+            return True
+        raise AssertionError("unreachable")
 
     def get(self, name: str) -> bytes | None:
         """The whole (small) object, or None when absent."""
@@ -289,4 +297,4 @@ def is_remote(source: object) -> bool:
 
 def _short(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
-    return text if len(text) < 400 else text[:400] + "..."
+    return text if len(text) < 1200 else text[:1200] + "..."

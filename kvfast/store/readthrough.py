@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     from kvfast.store.store import Store
 
 
-def fetch(store: Store, entry: StoreEntry) -> StoreEntry:
-    """The local entry of an origin ``entry``: fetched and committed unless this node has it already.
+def fetch(store: Store, entry: StoreEntry) -> tuple[StoreEntry, bool]:
+    """The local entry of an origin ``entry``, and whether this call fetched it (False: another thread or process
+    of this node had, or was doing so while this one waited).
 
     Raises:
         OriginError: the origin is unreachable or refuses, or the object disagrees with its index entry.
@@ -37,7 +38,7 @@ def fetch(store: Store, entry: StoreEntry) -> StoreEntry:
     with store.disk.flock(f"fetch-{key.document[:2]}"):
         local = store.disk.index.get(key)
         if local is not None and local.path.exists():
-            return local  # another thread or process fetched it while we waited
+            return local, False  # another thread or process fetched it while we waited
         doc_name, _ = origin.names(key)
         tmp = store.disk.tmp_path(".kvf")
         try:
@@ -47,7 +48,7 @@ def fetch(store: Store, entry: StoreEntry) -> StoreEntry:
             with open_kvf(tmp) as r:  # the bytes committed, re-validated from the local file
                 _check_agrees(store, entry, r)
                 provenance, signature = _provenance(store, entry, r)
-            return store._commit_local(key, tmp, provenance, signature)
+            return store._commit_local(key, tmp, provenance, signature), True
         finally:
             tmp.unlink(missing_ok=True)
 

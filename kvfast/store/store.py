@@ -413,7 +413,7 @@ class Store:
         """``entry`` on this node's disk, fetched from the origin first when it is only there: (entry, fetched)."""
         if self.origin is None or entry.path.exists():
             return entry, False
-        return readthrough.fetch(self, entry), True
+        return readthrough.fetch(self, entry)
 
     def _match_in(self, idx: Any, chain: list[str], ids: np.ndarray,
                   cache: PagedKVCache | None) -> StoreMatch | None:
