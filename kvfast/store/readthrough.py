@@ -42,7 +42,11 @@ def fetch(store: Store, entry: StoreEntry) -> tuple[StoreEntry, bool]:
         doc_name, _ = origin.names(key)
         tmp = store.disk.tmp_path(".kvf")
         try:
-            with RemoteReader(origin.origin.source(doc_name)) as reader:
+            source = origin.origin.source(doc_name)
+            if source.size != entry.file_bytes:  # before a byte of it is parsed
+                raise OriginError(f"the object disagrees with its index entry (size {source.size}, the entry says "
+                                  f"{entry.file_bytes}); refused: re-publish it", path=source.url)
+            with RemoteReader(source) as reader:
                 _check_agrees(store, entry, reader)
                 fetch_to_file(reader, tmp)
             with open_kvf(tmp) as r:  # the bytes committed, re-validated from the local file
