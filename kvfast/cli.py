@@ -325,6 +325,11 @@ def add_store_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_store_ledger)
 
+    # -- the origin (issue 15): store push|pull|grant, ls --origin; self-contained in kvfast/cli_origin.py ----
+    from kvfast.cli_origin import add_origin_parsers
+
+    add_origin_parsers(ssub)
+
 
 # -- kvfast keygen / sign / audit: trust across parties -----------------------------------------------------
 def cmd_keygen(args: argparse.Namespace) -> int:
