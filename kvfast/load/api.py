@@ -218,7 +218,7 @@ def _run(reader: KvfReader, owned: bool, pages: KVPages, table: np.ndarray, n: i
             raise ValueError(f"threads must be an int in [1, 256], got {threads!r}")
         if isinstance(reader, RemoteReader):  # an origin: ranged GETs into a ring, checked, scattered in order
             backend, method = "python", "stream"
-            job = StreamJob(reader, pages, pages.slot_mapping(table, 0, n), n, verify, close_reader=owned,
+            job = StreamJob(reader, pages, table, n, verify, close_reader=owned,
                             blocking=blocking, threads=threads, decoder="native" if native is not None else "python")
         elif reader.manifest.codec != "raw":
             method = "decode"

@@ -169,7 +169,35 @@ def stream_chunks(reader: RemoteReader, chunks: list[ChunkInfo], *, threads: int
 
 class StreamJob(PythonJob):
     """A load from an origin behind a :class:`LoadHandle`: :func:`stream_chunks` scattered into the pages on one
-    background thread (inline when ``blocking``); layer ``l`` is ready once its last needed chunk landed."""
+    background thread (inline when ``blocking``); layer ``l`` is ready once its last needed chunk landed.
+
+    ``table`` (``[>= ceil(n / block_size)]`` int64): the destination blocks, token ``p`` into ``table[p // bs]``.
+    """
+
+    def __init__(self, reader: KvfReader, pages: KVPages, table: np.ndarray, n: int, verify: bool, *,
+                 close_reader: bool, blocking: bool, threads: int, decoder: str):
+        self._table = np.asarray(table, dtype=np.int64)
+        super().__init__(reader, pages, pages.slot_mapping(table, 0, n), n, verify, close_reader=close_reader,
+                         blocking=blocking, threads=threads, decoder=decoder)
+
+    def _write(self, pages: KVPages, layer: int, slots: torch.Tensor, start: int, k: torch.Tensor,
+               v: torch.Tensor) -> None:
+        """Tokens ``[start, start + len(k))`` of one layer: whole blocks in one indexed copy per K and V (a chunk
+        starts on a block boundary whenever the block size divides the chunk's tokens, docs/FORMAT.md §6), the
+        rest token by token."""
+        bs, t = pages.block_size, len(k)
+        full = t // bs if start % bs == 0 else 0
+        if full:
+            ids = self._table[start // bs : start // bs + full]
+            for src, dst in ((k, pages.keys[layer]), (v, pages.values[layer])):
+                blocks = src[: full * bs].reshape(full, bs, *src.shape[1:])  # [full, bs, H, D]
+                blocks = blocks if pages.layout == "NHD" else blocks.transpose(1, 2)  # HND: [full, H, bs, D]
+                for a, b in _runs(ids):  # consecutive block ids: one plain copy each (an engine's are mostly so)
+                    dst[ids[a] : ids[a] + b - a].copy_(blocks[a:b], non_blocking=True)
+        if full * bs < t:
+            rest = slice(full * bs, t)
+            pages.write(layer, slots[start + full * bs : start + t], k[rest].to(pages.device),
+                        v[rest].to(pages.device))
 
     def _run(self, reader: KvfReader, pages: KVPages, slots: torch.Tensor, n: int, verify: bool, close_reader: bool,
              threads: int, decoder: str) -> None:
@@ -184,7 +212,7 @@ class StreamJob(PythonJob):
                         data = _decode(reader, c, stored, threads, decoder)
                     k, v = reader.split_chunk(c, data)
                     t = stop - c.start
-                    pages.write(c.layer, slots[c.start : stop], k[:t].to(pages.device), v[:t].to(pages.device))
+                    self._write(pages, c.layer, slots, c.start, k[:t], v[:t])
                     if stop == n:
                         self._layer_done(c.layer)
         except BaseException as exc:  # noqa: BLE001 - handed to wait()
@@ -195,6 +223,13 @@ class StreamJob(PythonJob):
             with self._cond:
                 self._finished = True
                 self._cond.notify_all()
+
+
+def _runs(ids: np.ndarray) -> list[tuple[int, int]]:
+    """``[a, b)`` index ranges of ``ids`` whose values are consecutive integers."""
+    cuts = np.flatnonzero(np.diff(ids) != 1) + 1
+    bounds = [0, *cuts.tolist(), len(ids)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _decode(reader: KvfReader, c: ChunkInfo, stored: np.ndarray, threads: int, decoder: str) -> np.ndarray:
