@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-TIERS = ("device", "ram", "disk", "origin")
+TIERS = ("device", "ram", "disk")  # and "origin" in the counters of a store that has one
 KEY_RE = re.compile(r"[0-9a-f]{64}")  # a document key or block hash: SHA-256, lowercase hex
 _FP_RE = re.compile(r"([a-z0-9]{1,16}):([0-9a-f]{16,128})")
 
@@ -96,7 +96,7 @@ class StoreStats:
             misses: those that reused none.
         hits: loads served per tier the prefix came from.
         bytes_read: per tier, KV bytes served: "device" is shared without a copy, "ram" copied from host
-            RAM, "disk" read from .kvf files, "origin" fetched from the origin into the disk tier first.
+            RAM, "disk" read from .kvf files; with an origin, also "origin": fetched into the disk tier first.
         tokens_reused: prompt tokens attached instead of prefilled.
         prefill_flops_saved: ``2 * num_parameters * tokens_reused`` over attaches given a model (the usual
             forward-pass estimate: 2 FLOPs per parameter per token; attention-score FLOPs left out).

@@ -131,6 +131,9 @@ class Store:
         if isinstance(origin, str):
             origin = Origin(origin, origin_config)
         self.origin = None if origin is None else OriginTier(origin, self.tenant_id or "shared", self.disk.index)
+        if self.origin is not None:
+            for counter in (self._counters.hits, self._counters.bytes_read, self._counters.evictions):
+                counter[OriginTier.name] = 0
 
     @property
     def ram_budget(self) -> int:
