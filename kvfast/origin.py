@@ -170,8 +170,12 @@ class Origin:
 
     def read_into(self, name: str, start: int, out: np.ndarray) -> None:
         """Bytes ``[start, start + len(out))`` of the object into ``out`` (uint8, contiguous)."""
-        data = self._call("ranged GET", name, lambda o: o.get_range(self._store, self.key(name), start=start,
-                                                                    length=len(out)))
+        obstore = _obstore()
+        try:
+            data = self._call("ranged GET", name, lambda o: o.get_range(self._store, self.key(name), start=start,
+                                                                        length=len(out)))
+        except obstore.exceptions.NotFoundError:
+            raise OriginError("the object vanished while it was being read", path=self.url_of(name)) from None
         view = memoryview(data)
         if len(view) != len(out):
             raise OriginError(f"ranged GET of bytes {start}+{len(out)} returned {len(view)}", path=self.url_of(name))
@@ -228,7 +232,7 @@ class HttpObject:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             cls = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
-            conn = cls(self._parts.hostname, self._parts.port, timeout=REQUEST_TIMEOUT_S)
+            conn = cls(self._parts.hostname, self._parts.port, timeout=CONNECT_TIMEOUT_S)  # raised once connected
             self._local.conn = conn
         return conn
 
@@ -237,8 +241,6 @@ class HttpObject:
         for attempt in range(2):
             conn = self._conn()
             try:
-                if attempt == 0:
-                    conn.timeout = CONNECT_TIMEOUT_S  # connecting is bounded tighter than reading
                 conn.request("GET", self._target, headers={"Range": f"bytes={start}-{stop - 1}"})
                 conn.sock.settimeout(REQUEST_TIMEOUT_S)
                 resp = conn.getresponse()

@@ -291,8 +291,11 @@ class Store:
             if entry is None or not entry.path.exists():
                 return None
             self._counters.duplicate_puts += 1
-        if self.origin is not None and not self.origin.holds(key):
-            self.push(key)  # stored here before (or while) the origin was unreachable: upload it now
+        if self.origin is not None:
+            with self._mutex:
+                there = self.origin.holds(key)
+            if not there:
+                self.push(key)  # stored here before (or while) the origin was unreachable: upload it now
         return entry
 
     def _commit(self, key: StoreKey, tmp: Path, provenance: str, signature: dict[str, Any] | None) -> StoreEntry:
@@ -338,7 +341,9 @@ class Store:
             raise ValueError(f"ttl_s must be an int in [1, 604800] (S3 presigned URLs last at most 7 days), got "
                              f"{ttl_s!r}")
         key = StoreKey(*key)
-        if not self.origin.holds(key) and not self.origin.of(key.fingerprint, fresh=True).entries.get(key.document):
+        with self._mutex:
+            there = self.origin.holds(key) or key.document in self.origin.of(key.fingerprint, fresh=True).entries
+        if not there:
             raise KeyError(f"{self.origin.origin.url}: no document {key.document[:16]}... for model "
                            f"{key.fingerprint[:19]}...; push it first")
         return self.origin.origin.presign(self.origin.names(key)[0], ttl_s)
