@@ -31,11 +31,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import kvfast  # noqa: E402
-from kvfast.load.stream import DEFAULT_STREAM_THREADS, PIECE_BYTES  # noqa: E402
-from kvfast.origin import Origin, OriginConfig  # noqa: E402
+import kvfast
+from kvfast.load.stream import DEFAULT_STREAM_THREADS, PIECE_BYTES
+from kvfast.origin import Origin, OriginConfig
 
-SHAPE = dict(num_layers=28, num_kv_heads=8, head_dim=128)  # Qwen3-0.6B
+SHAPE = {"num_layers": 28, "num_kv_heads": 8, "head_dim": 128}  # Qwen3-0.6B
 FP = "bench:0123456789abcdef"
 
 
@@ -168,8 +168,10 @@ def main() -> int:
     print(f"document: {r['tokens']} tokens, {r['file_bytes'] / 1e6:.0f} MB (Qwen3-0.6B shape), {r['cpus']} CPUs, "
           f"best of {args.repeat}; upload {r['file_bytes'] / r['upload_s'] / 1e6:.0f} MB/s")
     print(f"bound: obstore GET into a buffer   {r['bound_get_GBps']:.3f} GB/s")
-    print(f"kvfast.load(s3://...)               {r['stream_load_GBps']:.3f} GB/s  = {r['load_vs_bound']:.2f}x the bound")
-    print(f"layer 0 ready after                 {r['layer0_s'] * 1e3:.0f} ms = {r['layer0_vs_load']:.3f}x the full load")
+    print(f"kvfast.load(s3://...)               {r['stream_load_GBps']:.3f} GB/s  = "
+          f"{r['load_vs_bound']:.2f}x the bound")
+    print(f"layer 0 ready after                 {r['layer0_s'] * 1e3:.0f} ms = "
+          f"{r['layer0_vs_load']:.3f}x the full load")
     print(f"attach on a new node: first (origin) {r['attach_first_origin_s']:.2f} s, second (local) "
           f"{r['attach_second_local_s']:.2f} s = {r['second_vs_first']:.2f}x")
     print(f"streaming load's own memory: {r['peak_rss']['load_added_mb']:.0f} MB over the touched cache "

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import seaweed  # noqa: E402
+import seaweed
 
 RANGE = 8 << 20
 

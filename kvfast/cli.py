@@ -573,7 +573,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 def add_cost_parser(sub: Any) -> None:
     """``kvfast cost --model M --tokens N --agents A``: prefill vs reuse in FLOPs, bytes and dollars (kvfast.cost)."""
-    from kvfast.cost import DEFAULT_CACHE_READ_FRACTION, DEFAULT_EGRESS_DOLLARS_PER_GB, DEFAULT_ORIGIN_BYTES_PER_S, HARDWARE
+    from kvfast.cost import (DEFAULT_CACHE_READ_FRACTION, DEFAULT_EGRESS_DOLLARS_PER_GB, DEFAULT_ORIGIN_BYTES_PER_S,
+                             HARDWARE)
 
     sp = sub.add_parser("cost", help="model prefill vs reuse: FLOPs, KV bytes, dollars, break-even",
                         description="From first principles (a roofline over the model's matmul FLOPs and bytes) "

@@ -159,7 +159,7 @@ class Origin:
         except obstore.exceptions.NotFoundError:
             return None
 
-    def list(self, under: str) -> Iterator[tuple[str, int]]:  # noqa: A003 - an object store's listing
+    def list(self, under: str) -> Iterator[tuple[str, int]]:
         """(name relative to the prefix, size) of every object under ``under``."""
         base = self.key(under).rstrip("/") + "/"
         cut = len(self.prefix) + 1 if self.prefix else 0

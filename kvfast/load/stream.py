@@ -1,6 +1,6 @@
 """Loading from an origin: a .kvf object read by parallel ranged GETs into a bounded ring of staging buffers, every
-chunk checked against its CRC-32C before a byte of it reaches a page or a local file, in file order (layer-major),
-so layer 0 is in the pages long before the whole document has arrived.
+chunk checked against its CRC-32C before a byte of it reaches a page or a local file, in file order
+(layer-major), so layer 0 is in the pages long before the whole document has arrived.
 
     origin ──ranged GETs (threads)──▶ ring slot i % R ──CRC per chunk──▶ pages.write / file    (in file order)
 
@@ -11,6 +11,7 @@ memory file sized like the object (sparse, so the chunks' range costs nothing), 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from kvfast._backend import crc32c
 from kvfast.cache.pages import KVPages
 from kvfast.errors import ChecksumError, ManifestError
 from kvfast.format import ChunkInfo, KvfReader
-from kvfast.format.spec import MAX_MANIFEST_BYTES, PREAMBLE, align_up
+from kvfast.format.spec import MAX_MANIFEST_BYTES, PREAMBLE
 from kvfast.load.reference import PythonJob
 from kvfast.origin import OriginConfig, RangeSource, open_source
 
@@ -43,7 +44,7 @@ class RemoteReader(KvfReader):
         path: its URL (without a presigned link's signature), for messages.
     """
 
-    def __init__(self, source: RangeSource):  # noqa: D107 - KvfReader's checks, fed from the origin
+    def __init__(self, source: RangeSource):
         self.source, self.path = source, source.url
         self._file_size = source.size
         self._fd = _memfd()
@@ -229,7 +230,7 @@ def _runs(ids: np.ndarray) -> list[tuple[int, int]]:
     """``[a, b)`` index ranges of ``ids`` whose values are consecutive integers."""
     cuts = np.flatnonzero(np.diff(ids) != 1) + 1
     bounds = [0, *cuts.tolist(), len(ids)]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def _decode(reader: KvfReader, c: ChunkInfo, stored: np.ndarray, threads: int, decoder: str) -> np.ndarray:

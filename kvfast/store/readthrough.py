@@ -1,9 +1,9 @@
 """Read-through from the origin into the disk tier: one fetch per document per node.
 
-    origin entry ──[fetch lock: threads and processes of this root]── local entry now? ── yes: use it
-                                                                     └─ no: ranged GETs ──CRC per chunk──▶ ROOT/.tmp
-                                                                        ──checks vs the index entry, signature──▶
-                                                                        commit (tiers/disk.py) as a local entry
+    origin entry ──[fetch lock of this root]── local entry now? ── yes: use it
+                                                └─ no: ranged GETs ──CRC per chunk──▶ ROOT/.tmp
+                                                   ──checks vs the index entry, signature──▶
+                                                   commit (tiers/disk.py) as a local entry
 
 The fetch lock is an ``fcntl.flock`` of the root, so a second attach of the same document — another thread, another
 Store object, another process on this node — waits for the first and then reads the local copy. Nothing is

@@ -11,7 +11,7 @@ from kvfast.origin import OriginConfig
 from tests.conftest import random_ids, random_kv
 
 FP = "test:0123456789abcdef"
-SHAPE = dict(num_layers=3, num_kv_heads=2, head_dim=64)
+SHAPE = {"num_layers": 3, "num_kv_heads": 2, "head_dim": 64}
 
 
 def document(n: int = 700, seed: int = 0, layers: int = 3, dtype=torch.bfloat16):

@@ -14,7 +14,7 @@ from tests.origin.helpers import FP, assert_loaded, cache_for, document
 
 def kvfast_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     exe = shutil.which("kvfast", path=str(Path(sys.executable).parent)) or "kvfast"
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300, check=False,
                           env={**os.environ, **env})
 
 

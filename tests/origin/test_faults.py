@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -164,8 +163,8 @@ def test_publisher_killed_mid_upload_leaves_nothing_visible(s3, prefix, tmp_path
     for batch in range(0, trials, 5):  # five publishers at a time, each on its own prefix
         procs = []
         for i in range(batch, batch + 5):
-            code = _PUBLISHER.format(repo=str(REPO), root=str(tmp_path / f"p{i}"), url=f"s3://{s3.a.bucket}/{prefix}/{i}",
-                                     endpoint=s3.endpoint, key=s3.a.key, secret=s3.a.secret, kvf=str(kvf))
+            code = _PUBLISHER.format(repo=str(REPO), root=str(tmp_path / f"p{i}"),
+                                     url=f"s3://{s3.a.bucket}/{prefix}/{i}", endpoint=s3.endpoint, key=s3.a.key, secret=s3.a.secret, kvf=str(kvf))
             procs.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True))
         for p in procs:
             assert p.stdout.readline().strip() == "start"

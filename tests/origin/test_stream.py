@@ -48,7 +48,7 @@ def test_load_from_presigned_url_needs_no_credentials(s3, published, monkeypatch
 
 
 def test_load_into_pages_from_origin(s3, tenant_a_env, published):
-    keys, values, ids, name = published
+    keys, _, _, name = published
     cache = cache_for()
     blocks = list(range(100, 100 + 44))[::-1]  # any order the engine likes
     handle = kvfast.load_into(f"s3://{s3.a.bucket}/{name}", cache.pages, blocks, fingerprint=FP)
@@ -74,7 +74,7 @@ def test_layer0_is_ready_before_the_rest_arrives_and_memory_is_the_ring(s3, tena
         assert not handle.done()
         ring = threads * stream.RING_SLOTS_PER_THREAD * stream.PIECE_BYTES
         assert gated.requested <= layer0_end + ring < gated.size  # bounded by the ring, never the file
-        k, v = cache.gather(handle.sequence, 0)
+        k, _ = cache.gather(handle.sequence, 0)
         assert torch.equal(k.view(torch.int16), keys[0].view(torch.int16))
     finally:
         gated.gate.set()

@@ -26,7 +26,7 @@ def tenant_a_doc(s3, prefix, tmp_path):
 
 
 def test_tenant_entries_live_under_the_tenant_id(s3, prefix, tenant_a_doc):
-    a, entry, *_ = tenant_a_doc
+    a, *_ = tenant_a_doc
     assert all(k.startswith(f"{prefix}/{a.tenant_id}/") for k in objects(s3, s3.a, prefix))
 
 

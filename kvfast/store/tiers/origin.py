@@ -137,9 +137,8 @@ class OriginTier:
         document of another size holds the name, whose own index entry will describe it)."""
         doc_name, index_name = self.names(key)
         size = kvf.stat().st_size
-        if not self.origin.put_if_absent(doc_name, kvf):
-            if self.origin.size(doc_name) != size:  # the same document in another encoding won the race
-                return False
+        if not self.origin.put_if_absent(doc_name, kvf) and self.origin.size(doc_name) != size:
+            return False  # the same document in another encoding won the race
         created = self.origin.put_if_absent(index_name, sidecar)
         self._listed.pop(fp_dirname(key.fingerprint), None)
         return created
