@@ -1,7 +1,15 @@
 """Builds kvfast._C, the optional native extension (pybind11), and kvfast._C_cuda when nvcc is found.
 
 The extensions are optional when installing: without a C++ toolchain kvfast falls back, loudly, to its
-pure-Python reference path. CI sets KVFAST_REQUIRE_NATIVE=1 so a broken build fails instead.
+pure-Python reference path. KVFAST_REQUIRE_NATIVE makes a missing extension an error instead:
+
+    =1      every extension this machine can build must build (CI): kvfast._C, kvfast._C_cuda_host, and
+            kvfast._C_cuda when nvcc is found (without nvcc it is skipped, with a line saying so)
+    =cuda   as =1, and nvcc must be found: a GPU machine's build (bench/gpu_check.sh), where a skipped
+            kvfast._C_cuda would make every CUDA test skip and the run look green
+
+kvfast._C_cuda_host needs no CUDA at all: the CUDA kernels' bodies and the GPU sink's per-chunk arithmetic
+compiled for the CPU (csrc/cuda/host_emulation.cpp), so CI tests the CUDA code on machines without a GPU.
 
 kvfast._C_cuda (csrc/cuda/) is a separate module so that kvfast._C imports on machines without CUDA. It is
 built only when nvcc is found (CUDA_HOME/bin, CUDA_PATH/bin or PATH): nvcc compiles the .cu files to objects,
@@ -21,9 +29,16 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 try:
-    from pybind11.setup_helpers import Pybind11Extension
+    from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
 except ImportError:  # only without build isolation and without pybind11
     Pybind11Extension = None
+else:  # each extension's host sources compile in parallel (KVFAST_BUILD_JOBS, default: every core)
+    ParallelCompile("KVFAST_BUILD_JOBS", default=0).install()
+
+REQUIRE = os.environ.get("KVFAST_REQUIRE_NATIVE", "")
+if REQUIRE not in ("", "0", "1", "cuda"):
+    raise RuntimeError(f"KVFAST_REQUIRE_NATIVE must be unset, 0, 1 or cuda, got {REQUIRE!r}")
+REQUIRED = REQUIRE in ("1", "cuda")
 
 
 # -- CUDA: find nvcc and the toolkit it belongs to ------------------------------------------------------
@@ -111,7 +126,7 @@ class OptionalBuildExt(build_ext):
 
     @staticmethod
     def _fail(exc):
-        if os.environ.get("KVFAST_REQUIRE_NATIVE") == "1":
+        if REQUIRED:
             raise exc
         sys.stderr.write(
             "\n*** kvfast: building the native extension failed; falling back to the pure-Python path "
@@ -131,10 +146,35 @@ if Pybind11Extension is not None:
             extra_link_args=["-pthread"],  # the loader's worker threads (std::thread)
         )
     )
-elif os.environ.get("KVFAST_REQUIRE_NATIVE") == "1":
+    ext_modules.append(
+        Pybind11Extension(
+            "kvfast._C_cuda_host",
+            ["csrc/cuda/host_emulation.cpp", "csrc/cuda/sink_plan.cpp", "csrc/load_plan.cpp"],
+            depends=sorted(glob("csrc/cuda/*.h")),
+            include_dirs=["csrc/cuda", "csrc"],
+            cxx_std=17,
+            # The emulated kernels copy tensors' bytes through word types, as the device code does.
+            extra_compile_args=["-O2", "-fno-strict-aliasing"],
+        )
+    )
+elif REQUIRED:
     raise RuntimeError("pybind11 is required to build kvfast._C")
 
 NVCC = find_nvcc()
+if NVCC is None and REQUIRE == "cuda":
+    raise RuntimeError("KVFAST_REQUIRE_NATIVE=cuda, but nvcc was found neither in CUDA_HOME/bin, CUDA_PATH/bin nor on "
+                       "PATH, so kvfast._C_cuda cannot be built: install the CUDA toolkit or set CUDA_HOME to it")
+if NVCC is None and REQUIRED:
+    sys.stderr.write("\n*** kvfast: nvcc not found: kvfast._C_cuda (the CUDA load path and kernels) is not built; "
+                     "KVFAST_REQUIRE_NATIVE=cuda makes this an error\n\n")
+# One line in the build log saying what is built (pip shows it with -v; CI checks it).
+if Pybind11Extension is None:
+    print("kvfast build: pybind11 not found: no native extension (pure-Python path only)", flush=True)
+elif NVCC is None:
+    print("kvfast build: kvfast._C (host loader); CUDA part off: no nvcc in CUDA_HOME/bin, CUDA_PATH/bin or PATH",
+          flush=True)
+else:
+    print(f"kvfast build: kvfast._C (host loader) and kvfast._C_cuda (CUDA part on: {NVCC})", flush=True)
 if Pybind11Extension is not None and NVCC is not None:
     try:
         cuda_includes, cuda_libraries = cuda_toolkit_dirs(NVCC)
@@ -145,7 +185,7 @@ if Pybind11Extension is not None and NVCC is not None:
         NvccExtension(
             "kvfast._C_cuda",
             # The GPU load job is kvfast._C's LoadJob with a CUDA sink: the host loader's sources are built in.
-            ["csrc/cuda/bindings.cpp", "csrc/cuda/gpu_sink.cpp",
+            [*(f"csrc/cuda/{name}.cpp" for name in ("bindings", "gpu_sink", "sink_plan", "staging_pool")),
              *(f"csrc/{name}.cpp" for name in ("paged_loader", "file_source", "crc32c", "stream_copy", "load_plan"))],
             cuda_sources=sorted(glob("csrc/cuda/*.cu")),
             nvcc=NVCC,

@@ -45,7 +45,7 @@ import torch
 import kvfast
 from kvfast.trust.audit import audit, layer0_flops
 from kvfast.identity import model_config
-from kvfast.hf import capture_kv
+from kvfast.hf.capture import capture_kv
 from report import machine, write_section
 
 SECTION = "## Trust"

@@ -16,7 +16,7 @@ taken while it is high are not worth much.
 Run:
     python bench/bench_load.py                       # prints the table
     python bench/bench_load.py --results bench/RESULTS.md   # also writes the "## Load pipeline (CPU)" section
-    python -m pytest bench/bench_load.py --benchmark-only   # the hot cases under pytest-benchmark
+    python -m pytest bench --benchmark-only     # the headline cases under pytest-benchmark (test_headline.py)
 """
 from __future__ import annotations
 
@@ -270,44 +270,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.dir is None:
             shutil.rmtree(folder, ignore_errors=True)
     return 0
-
-
-# -- pytest-benchmark: the hot cases ------------------------------------------------------------------------
-try:
-    import pytest
-except ImportError:  # the script runs without pytest
-    pytest = None
-
-if pytest is not None:
-    HOT_CASES = ["copyto", "safetensors", "torch.load", "python", "native-t1", "native-t2", "native-t2-noverify"]
-
-    @pytest.fixture(scope="module")
-    def fixture(tmp_path_factory):
-        fx = make_fixture(tmp_path_factory.mktemp("bench-load"))
-        for path in (fx.kvf, fx.safetensors, fx.torch_file):
-            evict(path)
-            warm(path)
-        return fx
-
-    @pytest.mark.parametrize("case", HOT_CASES)
-    def test_load_hot(benchmark, fixture, case):
-        from safetensors.torch import load_file
-
-        fx = fixture
-        run = {
-            "copyto": lambda: np.copyto(fx.dst, fx.src),
-            "safetensors": lambda: scatter_index_copy(fx.cache, load_file(fx.safetensors)),
-            "torch.load": lambda: scatter_index_copy(fx.cache, torch.load(fx.torch_file, weights_only=True)),
-            "python": lambda: kvfast_load(fx, backend="python"),
-            "native-t1": lambda: kvfast_load(fx, backend="native", threads=1),
-            "native-t2": lambda: kvfast_load(fx, backend="native", threads=2),
-            "native-t2-noverify": lambda: kvfast_load(fx, backend="native", threads=2, verify=False),
-        }[case]
-        if case.startswith("native") and native is None:
-            pytest.skip("kvfast._C is not built")
-        benchmark.extra_info["kv_bytes"] = KV_BYTES
-        benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-        benchmark.extra_info["GB/s"] = KV_BYTES / benchmark.stats.stats.median / 1e9
 
 
 if __name__ == "__main__":

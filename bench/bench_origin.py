@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import kvfast
-from kvfast.load.stream import DEFAULT_STREAM_THREADS, PIECE_BYTES
+from kvfast.loader.stream import DEFAULT_STREAM_THREADS, PIECE_BYTES
 from kvfast.origin import Origin, OriginConfig
 
 SHAPE = {"num_layers": 28, "num_kv_heads": 8, "head_dim": 128}  # Qwen3-0.6B

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import kvfast
-from kvfast.hf import prefill
+from kvfast.hf.capture import prefill
 from report import machine, write_section
 
 SECTION = "## Store"

@@ -2,6 +2,7 @@
 
 - ``kvfast.kernels.scatter_kv``, ``scatter_kv_layers``, ``gather_kv``: the Triton kernels (``paged_kv.py``).
 - ``kvfast.kernels.cuda``: the same three over the CUDA extension ``kvfast._C_cuda`` (``csrc/cuda/``).
+- ``kvfast.kernels.cuda_host``: those CUDA kernels compiled for the CPU (``kvfast._C_cuda_host``), for tests.
 
 Each has a pure-PyTorch reference with the same signature in :mod:`kvfast.cache.ops`. Which one kvfast itself uses
 is decided in one place, :func:`kvfast._backend.paged_kernels`.

@@ -32,7 +32,7 @@ class ScatterPlan:
     Fields:
         src_k, src_v: ``[num_layers, num_tokens, num_heads, head_dim]``.
         k_cache, v_cache: ``[num_layers, num_blocks, *page]``.
-        slot_mapping: ``[num_tokens]`` int32 or int64.
+        slot_mapping: ``[num_tokens]`` int32 or int64, contiguous (the kernels index it as a plain array).
         src_k_strides, src_v_strides: ``(layer, token, head)``.
         k_cache_strides, v_cache_strides: ``(layer, block, page, head)``; ``page`` is the in-page token stride.
     """
@@ -59,7 +59,7 @@ class GatherPlan:
 
     Fields:
         k_cache, v_cache: ``[num_blocks, *page]``.
-        block_table: ``[>= ceil(num_tokens / block_size)]`` int32 or int64.
+        block_table: ``[>= ceil(num_tokens / block_size)]`` int32 or int64, contiguous.
         out_k, out_v: ``[num_tokens, num_heads, head_dim]``, new and contiguous (bits views of ``k``, ``v``).
         k, v: the same outputs in the caches' dtype, what the caller gets back.
         k_cache_strides, v_cache_strides: ``(block, page, head)``.
@@ -131,7 +131,7 @@ def plan_scatter(src_k: torch.Tensor, src_v: torch.Tensor, k_cache: torch.Tensor
 
     return ScatterPlan(
         src_k=as_bits(src_k), src_v=as_bits(src_v), k_cache=as_bits(k_cache), v_cache=as_bits(v_cache),
-        slot_mapping=slot_mapping, num_layers=num_layers, num_tokens=num_tokens, num_heads=num_heads,
+        slot_mapping=slot_mapping.contiguous(), num_layers=num_layers, num_tokens=num_tokens, num_heads=num_heads,
         head_dim=head_dim, block_size=block_size,
         src_k_strides=(src_k.stride(0), src_k.stride(1), src_k.stride(2)),
         src_v_strides=(src_v.stride(0), src_v.stride(1), src_v.stride(2)),
@@ -180,7 +180,7 @@ def plan_gather(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch
     k = torch.empty(num_tokens, num_heads, head_dim, dtype=k_cache.dtype, device=k_cache.device)
     v = torch.empty_like(k)
     return GatherPlan(
-        k_cache=as_bits(k_cache), v_cache=as_bits(v_cache), block_table=block_table, out_k=as_bits(k),
+        k_cache=as_bits(k_cache), v_cache=as_bits(v_cache), block_table=block_table.contiguous(), out_k=as_bits(k),
         out_v=as_bits(v), k=k, v=v, num_tokens=num_tokens, num_heads=num_heads, head_dim=head_dim,
         block_size=block_size, k_cache_strides=k_strides, v_cache_strides=v_strides,
         out_strides=(k.stride(0), k.stride(1)),

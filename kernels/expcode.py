@@ -14,6 +14,8 @@ Runs compiled on a GPU and, with ``TRITON_INTERPRET=1``, on CPU tensors (the tes
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import triton
@@ -99,25 +101,22 @@ def decode_paged(stored: np.ndarray, k_pages: torch.Tensor, v_pages: torch.Tenso
                  repeats: bool, where: str = "chunk") -> None:
     """Decode one expcode chunk (``repeats``: expcode-v2, else v1) into paged caches.
 
-    Parameters
-    ----------
-    stored : np.ndarray
-        ``[length]`` uint8, the chunk's stored bytes (already checksummed), coded (``length < raw_length``).
-    k_pages, v_pages : torch.Tensor
-        ``[num_blocks, block_size, H, head_dim]`` float16/bfloat16/float32 token-major views of one layer's
-        K and V pages (an HND cache as ``permute(0, 2, 1, 3)``), innermost axis contiguous; written in place.
-    slot_mapping : torch.Tensor
-        ``[t]`` int64 on the pages' device, the chunk's tokens: ``block_idx * block_size + block_offset``, or
-        ``-1`` for a token not to store (past a loaded prefix: the ``-1`` entries are a suffix).
-    repeats : bool
-        The chunk lists repeated rows (``expcode-v2``, §7.2) or not (``expcode-v1``): the manifest's codec says.
+    Args:
+        stored: ``[length]`` uint8, the chunk's stored bytes (already checksummed), coded (``length < raw_length``).
+        k_pages, v_pages: ``[num_blocks, block_size, H, head_dim]`` float16/bfloat16/float32 token-major views of one
+            layer's K and V pages (an HND cache as ``permute(0, 2, 1, 3)``), innermost axis contiguous; written in
+            place.
+        slot_mapping: ``[t]`` int64 on the pages' device, the chunk's tokens: ``block_idx * block_size +
+            block_offset``, or ``-1`` for a token not to store (past a loaded prefix: the ``-1`` entries are a
+            suffix).
+        repeats: The chunk lists repeated rows (``expcode-v2``, §7.2) or not (``expcode-v1``): the manifest's codec
+            says.
 
     Raises :class:`CodecError` naming ``where`` when the bytes are inconsistent (before launch for sizes and
     tables, after it for bit streams: the pages of the chunk's tokens then hold garbage and must be discarded).
 
-    Example
-    -------
-    >>> decode_paged(reader.read_stored(chunk), k_cache, v_cache, slots, repeats=True)  # doctest: +SKIP
+    Example:
+        >>> decode_paged(reader.read_stored(chunk), k_cache, v_cache, slots, repeats=True)  # doctest: +SKIP
     """
     num_blocks, block_size, heads, head_dim = k_pages.shape
     itemsize = k_pages.element_size()
@@ -142,16 +141,19 @@ def decode_paged(stored: np.ndarray, k_pages: torch.Tensor, v_pages: torch.Tenso
     status = torch.empty(lay.num_segments, dtype=torch.int64, device=device)
     words = {2: torch.int16, 4: torch.int32}[itemsize]
     k_words, v_words = k_pages.view(words), v_pages.view(words)
-    _decode_kernel[(triton.cdiv(lay.num_segments, _BLOCK),)](
-        dev(np.require(stored, requirements="W")), dev(luts),
-        *dev(segs),
-        status, k_words, v_words, dev(np.concatenate(lay.kept)), slot_mapping,
-        lay.num_segments, heads, len(lay.kept[0]), lay.raw, block_size,
-        k_words.stride(0), k_words.stride(1), k_words.stride(2), v_words.stride(0), v_words.stride(1),
-        v_words.stride(2),
-        # a bound, not the longest segment: one compiled kernel per chunk shape, however many rows repeat
-        HEAD_DIM=head_dim, ITEMSIZE=itemsize, MAX_SYMBOLS=lay.seg_tokens * head_dim, BLOCK=_BLOCK,
-    )
+    # Triton launches on the current device (and its current stream): make it the pages' device, whichever thread
+    # (a load's own) and device were current.
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _decode_kernel[(triton.cdiv(lay.num_segments, _BLOCK),)](
+            dev(np.require(stored, requirements="W")), dev(luts),
+            *dev(segs),
+            status, k_words, v_words, dev(np.concatenate(lay.kept)), slot_mapping,
+            lay.num_segments, heads, len(lay.kept[0]), lay.raw, block_size,
+            k_words.stride(0), k_words.stride(1), k_words.stride(2), v_words.stride(0), v_words.stride(1),
+            v_words.stride(2),
+            # a bound, not the longest segment: one compiled kernel per chunk shape, however many rows repeat
+            HEAD_DIM=head_dim, ITEMSIZE=itemsize, MAX_SYMBOLS=lay.seg_tokens * head_dim, BLOCK=_BLOCK,
+        )
     failed = torch.nonzero(status < 0)
     if failed.numel():
         s = int(failed[0])

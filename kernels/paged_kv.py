@@ -51,7 +51,9 @@ def _scatter_kv_kernel(
     block_idx = slot_idx // block_size
     block_offset = slot_idx % block_size
 
-    head_idx = head_tile * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
+    # int64 too: head_idx * head_stride passes 2**31 in strided views (heads-major sources, heads-outer caches),
+    # and a stride below 2**31 arrives as an i32 argument, so the product would wrap in 32 bits.
+    head_idx = (head_tile * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]).to(tl.int64)  # [BLOCK_H, 1]
     dim_idx = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
     mask = (head_idx < heads_to_copy) & (dim_idx < HEAD_DIM)
 
@@ -98,56 +100,46 @@ def scatter_kv(src_k: torch.Tensor, src_v: torch.Tensor, k_cache: torch.Tensor, 
 
     Same contract as :func:`kvfast.cache.ops.scatter_kv`, bit for bit.
 
-    Parameters
-    ----------
-    src_k, src_v : torch.Tensor
-        ``[num_tokens, num_kv_heads, head_dim]``, any strides with ``head_dim`` contiguous.
-    k_cache, v_cache : torch.Tensor
-        ``[num_blocks, block_size, num_kv_heads, head_dim]`` (NHD) or ``[num_blocks, num_kv_heads, block_size,
-        head_dim]`` (HND), same dtype as ``src_*``; any view whose last dimension is contiguous, e.g. the halves
-        ``packed[..., :D]``, ``packed[..., D:]`` of vLLM's ``[num_blocks, H, block_size, 2 * D]`` pages (HND), or
-        ``stack[0]``/``stack[:, 0]`` of kv-first / blocks-first stacks.
-    slot_mapping : torch.Tensor
-        ``[num_tokens]`` int32/int64, ``block_idx * block_size + block_offset``; ``-1`` skips the token.
-        Precondition (not checked, it would cost a device sync): every other slot is below
-        ``num_blocks * block_size``.
-    layout : {"NHD", "HND"}
+    Args:
+        src_k, src_v: ``[num_tokens, num_kv_heads, head_dim]``, any strides with ``head_dim`` contiguous.
+        k_cache, v_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]`` (NHD) or ``[num_blocks, num_kv_heads,
+            block_size, head_dim]`` (HND), same dtype as ``src_*``; any view whose last dimension is contiguous, e.g.
+            the halves ``packed[..., :D]``, ``packed[..., D:]`` of vLLM's ``[num_blocks, H, block_size, 2 * D]`` pages
+            (HND), or ``stack[0]``/``stack[:, 0]`` of kv-first / blocks-first stacks.
+        slot_mapping: ``[num_tokens]`` int32/int64, ``block_idx * block_size + block_offset``; ``-1`` skips the token.
+            Precondition (not checked, it would cost a device sync): every other slot is below ``num_blocks *
+            block_size``.
+        layout: one of {"NHD", "HND"}.
 
-    Examples
-    --------
-    >>> k_cache = torch.zeros(4, 16, 2, 8, device="cuda"); v_cache = torch.zeros_like(k_cache)  # doctest: +SKIP
-    >>> k = torch.randn(3, 2, 8, device="cuda")                                                 # doctest: +SKIP
-    >>> scatter_kv(k, k, k_cache, v_cache, torch.tensor([17, -1, 0], device="cuda"))            # doctest: +SKIP
-    >>> torch.equal(k_cache[1, 1], k[0])                                                         # doctest: +SKIP
-    True
+    Example:
+        >>> k_cache = torch.zeros(4, 16, 2, 8, device="cuda"); v_cache = torch.zeros_like(k_cache)  # doctest: +SKIP
+        >>> k = torch.randn(3, 2, 8, device="cuda")                                                 # doctest: +SKIP
+        >>> scatter_kv(k, k, k_cache, v_cache, torch.tensor([17, -1, 0], device="cuda"))            # doctest: +SKIP
+        >>> torch.equal(k_cache[1, 1], k[0])                                                         # doctest: +SKIP
+        True
     """
     _launch_scatter(_checks.plan_scatter_one_layer(src_k, src_v, k_cache, v_cache, slot_mapping, layout))
 
 
 def scatter_kv_layers(src: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, *,
                       layout: str = "NHD") -> None:
-    """Write one chunk of tokens for several layers in a single launch (the loader's staging buffer), in Triton.
+    """Write one chunk of tokens for several layers in a single launch (a multi-layer staging buffer), in Triton.
 
     Same contract as :func:`kvfast.cache.ops.scatter_kv_layers`, bit for bit.
 
-    Parameters
-    ----------
-    src : torch.Tensor
-        ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]``: per layer K then V, ``head_dim`` contiguous.
-    cache : torch.Tensor
-        ``[num_layers, 2, num_blocks, *page]``, ``page`` in ``layout``: ``PagedKVCache.storage`` (or
-        ``storage[first:last]``), or a view of that shape over another stack: kv-first ``[2, L, nb, *page]`` ->
-        ``.transpose(0, 1)``; blocks-first ``[L, nb, 2, *page]`` -> ``.transpose(1, 2)``; vLLM's packed
-        ``[L, nb, H, bs, 2 * D]`` -> ``.unflatten(-1, (2, D)).permute(0, 4, 1, 2, 3, 5)`` with HND.
-    slot_mapping : torch.Tensor
-        ``[num_tokens]`` int32/int64, shared by every layer; ``-1`` skips the token.
-    layout : {"NHD", "HND"}
+    Args:
+        src: ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]``: per layer K then V, ``head_dim`` contiguous.
+        cache: ``[num_layers, 2, num_blocks, *page]``, ``page`` in ``layout``: ``PagedKVCache.storage`` (or
+            ``storage[first:last]``), or a view of that shape over another stack: kv-first ``[2, L, nb, *page]`` ->
+            ``.transpose(0, 1)``; blocks-first ``[L, nb, 2, *page]`` -> ``.transpose(1, 2)``; vLLM's packed ``[L, nb,
+            H, bs, 2 * D]`` -> ``.unflatten(-1, (2, D)).permute(0, 4, 1, 2, 3, 5)`` with HND.
+        slot_mapping: ``[num_tokens]`` int32/int64, shared by every layer; ``-1`` skips the token.
+        layout: one of {"NHD", "HND"}.
 
-    Examples
-    --------
-    >>> cache = kvfast.PagedKVCache(36, 8, 128, num_blocks=512, device="cuda")   # doctest: +SKIP
-    >>> staging = torch.empty(36, 2, 256, 8, 128, dtype=torch.bfloat16, device="cuda")  # doctest: +SKIP
-    >>> scatter_kv_layers(staging, cache.storage, slots, layout=cache.layout)    # doctest: +SKIP
+    Example:
+        >>> cache = kvfast.PagedKVCache(36, 8, 128, num_blocks=512, device="cuda")   # doctest: +SKIP
+        >>> staging = torch.empty(36, 2, 256, 8, 128, dtype=torch.bfloat16, device="cuda")  # doctest: +SKIP
+        >>> scatter_kv_layers(staging, cache.storage, slots, layout=cache.layout)    # doctest: +SKIP
     """
     _launch_scatter(_checks.plan_scatter_layers(src, cache, slot_mapping, layout))
 
@@ -171,7 +163,7 @@ def _gather_kv_kernel(
     block_idx = tl.load(block_table_ptr + token_idx // block_size).to(tl.int64)
     block_offset = token_idx % block_size
 
-    head_idx = head_tile * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
+    head_idx = (head_tile * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]).to(tl.int64)  # [BLOCK_H, 1], as in scatter
     dim_idx = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
     mask = (head_idx < num_heads) & (dim_idx < HEAD_DIM)
 
@@ -188,26 +180,20 @@ def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.T
 
     Same contract as :func:`kvfast.cache.ops.gather_kv`, bit for bit.
 
-    Parameters
-    ----------
-    k_cache, v_cache : torch.Tensor
-        One layer's pages in ``layout`` (see :func:`scatter_kv`), last dimension contiguous.
-    block_table : torch.Tensor
-        ``[>= ceil(num_tokens / block_size)]`` int32/int64, the sequence's blocks in order. Precondition (not
-        checked): entries are below ``num_blocks``.
-    num_tokens : int
-    layout : {"NHD", "HND"}
+    Args:
+        k_cache, v_cache: One layer's pages in ``layout`` (see :func:`scatter_kv`), last dimension contiguous.
+        block_table: ``[>= ceil(num_tokens / block_size)]`` int32/int64, the sequence's blocks in order. Precondition
+            (not checked): entries are below ``num_blocks``.
+        num_tokens:
+        layout: one of {"NHD", "HND"}.
 
-    Returns
-    -------
-    tuple of torch.Tensor
-        K and V, each a new contiguous ``[num_tokens, num_kv_heads, head_dim]`` tensor.
+    Returns:
+        tuple of torch.Tensor: K and V, each a new contiguous ``[num_tokens, num_kv_heads, head_dim]`` tensor.
 
-    Examples
-    --------
-    >>> k, v = gather_kv(cache.key_cache(0), cache.value_cache(0), table, 20)  # doctest: +SKIP
-    >>> k.shape                                                                 # doctest: +SKIP
-    torch.Size([20, 8, 128])
+    Example:
+        >>> k, v = gather_kv(cache.key_cache(0), cache.value_cache(0), table, 20)  # doctest: +SKIP
+        >>> k.shape                                                                 # doctest: +SKIP
+        torch.Size([20, 8, 128])
     """
     plan = _checks.plan_gather(k_cache, v_cache, block_table, num_tokens, layout)
     if plan.num_tokens == 0:

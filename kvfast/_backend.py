@@ -54,7 +54,8 @@ def paged_kernels(device) -> tuple[str, object]:
 
     The module has ``scatter_kv``, ``scatter_kv_layers`` and ``gather_kv`` with the signatures of
     :mod:`kvfast.cache.ops`. CPU (and any non-CUDA) tensors always use that PyTorch reference; CUDA tensors use the
-    first importable of ``GPU_KERNEL_ORDER``, or ``KVFAST_KERNELS`` when set.
+    first of ``GPU_KERNEL_ORDER`` that imports and passes a tiny launch on that device, or ``KVFAST_KERNELS``
+    when set (which then must pass). Decided once per device.
 
     Example:
         >>> paged_kernels("cpu")[0]
@@ -65,17 +66,47 @@ def paged_kernels(device) -> tuple[str, object]:
     requested = os.environ.get("KVFAST_KERNELS") or None
     if requested is not None and requested not in _KERNEL_MODULES:
         raise ValueError(f"KVFAST_KERNELS must be one of {sorted(_KERNEL_MODULES)}, got {requested!r}")
-    return _paged_kernels(torch.device(device).type, requested)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _paged_kernels(str(device), requested)
 
 
 @functools.lru_cache(maxsize=None)
-def _paged_kernels(device_type: str, requested: str | None) -> tuple[str, object]:
-    if device_type != "cuda":
+def _paged_kernels(device: str, requested: str | None) -> tuple[str, object]:
+    if not device.startswith("cuda"):
         return "torch", importlib.import_module(_KERNEL_MODULES["torch"])
-    missing = []
-    for name in (requested,) if requested else GPU_KERNEL_ORDER:
+    return _first_working((requested,) if requested else GPU_KERNEL_ORDER, device)
+
+
+def _first_working(names: tuple[str, ...], device: str) -> tuple[str, object]:
+    """The first of ``names`` whose module imports and passes :func:`_probe` on ``device``."""
+    failed = []
+    for name in names:
         try:
-            return name, importlib.import_module(_KERNEL_MODULES[name])
-        except ImportError as exc:  # not built (no nvcc) or no triton: try the next
-            missing.append(f"{name} ({exc})")
-    raise RuntimeError(f"no paged-cache kernels available: {'; '.join(missing)}")
+            module = importlib.import_module(_KERNEL_MODULES[name])
+            _probe(module, device)
+            return name, module
+        except Exception as exc:  # noqa: BLE001 - not built, no triton, or it cannot launch on this device
+            failed.append(f"{name} ({type(exc).__name__}: {exc})")
+    raise RuntimeError(f"no paged-cache kernels work on {device}: {'; '.join(failed)}")
+
+
+def _probe(module, device: str) -> None:
+    """One tiny scatter and gather on ``device``, checked bit for bit.
+
+    A kernel module that imports may still not run on this device: a driver older than the CUDA runtime it was
+    built with, no kernel image for this card, no compiler for Triton. Every write would then raise; found here,
+    the next module in the order takes over instead.
+    """
+    import torch
+
+    src = torch.arange(1, 2 * 8 + 1, dtype=torch.int16).view(2, 1, 8)  # 2 tokens, 1 head, head_dim 8
+    k_cache = torch.zeros(2, 2, 1, 8, dtype=torch.int16, device=device)  # 2 blocks of 2 tokens (NHD)
+    v_cache = torch.zeros_like(k_cache)
+    module.scatter_kv(src.to(device), (-src).to(device), k_cache, v_cache, torch.tensor([3, 0], device=device))
+    k, v = module.gather_kv(k_cache, v_cache, torch.tensor([0, 1], device=device), 4)
+    want = torch.zeros(4, 1, 8, dtype=torch.int16)
+    want[0], want[3] = src[1], src[0]  # slot 0 holds token 1, slot 3 (block 1, offset 1) token 0
+    if not (torch.equal(k.cpu(), want) and torch.equal(v.cpu(), -want)):
+        raise RuntimeError("a scatter and gather of 2 tokens did not return them bit for bit")

@@ -7,15 +7,18 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvfast.origin import OriginConfig
-from kvfast.store import Store, StoreEntry
+if TYPE_CHECKING:  # imported when a command runs: building the parser must not import torch (kvfast --help)
+    from kvfast.store import Store, StoreEntry
 
 EXIT_ERROR = 2
 
 
 def _store(args: argparse.Namespace) -> Store:
+    from kvfast.origin import OriginConfig
+    from kvfast.store import Store
+
     return Store(args.root, origin=args.origin, origin_config=OriginConfig(endpoint=args.endpoint))
 
 
@@ -103,14 +106,20 @@ def add_origin_parsers(ssub: Any) -> None:
         p.add_argument("--endpoint", metavar="URL", help="S3 endpoint (default: AWS_ENDPOINT_URL, else AWS)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = ssub.add_parser("push", help="upload the store's documents to an origin (each created only if absent)")
-    p.add_argument("root", metavar="ROOT")
+    p = ssub.add_parser("push", help="upload the store's documents to an origin (each created only if absent)",
+                        description="Upload every document of ROOT (or of one model) to the origin: the .kvf, then "
+                                    "its index entry, each with a conditional create (If-None-Match: *), so a "
+                                    "document already there is left as it is.")
+    p.add_argument("root", metavar="ROOT", help="the store's folder on this node")
     p.add_argument("--model", metavar="FINGERPRINT", help="only this model's documents")
     common(p)
     p.set_defaults(func=cmd_push)
 
-    p = ssub.add_parser("pull", help="fetch documents from an origin into the store (every chunk checked)")
-    p.add_argument("root", metavar="ROOT")
+    p = ssub.add_parser("pull", help="fetch documents from an origin into the store (every chunk checked)",
+                        description="Fetch documents from the origin into ROOT's disk tier by ranged GETs; every "
+                                    "chunk's CRC-32C is checked before it is written, and the object must agree "
+                                    "with its index entry.")
+    p.add_argument("root", metavar="ROOT", help="the store's folder on this node")
     p.add_argument("keys", nargs="*", metavar="DOC", help="document keys or unique prefixes (default: all)")
     p.add_argument("--model", metavar="FINGERPRINT", help="the model whose documents to pull")
     common(p)
@@ -119,7 +128,7 @@ def add_origin_parsers(ssub: Any) -> None:
     p = ssub.add_parser("grant", help="print a time-limited presigned URL that loads one document",
                         description="Print a presigned HTTPS URL for one document at the origin: its holder can "
                                     "kvfast.load(url, ...) that document, and nothing else, until it expires.")
-    p.add_argument("root", metavar="ROOT")
+    p.add_argument("root", metavar="ROOT", help="the store's folder on this node")
     p.add_argument("key", metavar="DOC", help="the document key (or a unique prefix of it)")
     p.add_argument("--ttl", type=int, default=3600, help="seconds the URL stays valid (default 3600)")
     p.add_argument("--model", metavar="FINGERPRINT", help="the model whose document it is")

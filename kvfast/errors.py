@@ -2,11 +2,12 @@
 
 Every message names the file (when there is one) and the field or chunk at fault, and says what to do. The same
 facts ride along as attributes (``path``, ``chunk``, and ``errno`` on OS errors) for code that reacts to them.
-Failures inside the native extension come back as these classes too: :mod:`kvfast.load.native` maps them at the
+Failures inside the native extension come back as these classes too: :mod:`kvfast.loader.native` maps them at the
 binding boundary, so callers never match strings or catch ``RuntimeError``.
 """
 from __future__ import annotations
 
+import errno as errnos
 import os
 
 
@@ -108,6 +109,30 @@ class SignatureError(KvfastError):
 
 class LedgerError(KvfastError):
     """The ledger is unreadable or its hash chain is broken (a record edited, deleted or reordered)."""
+
+
+# -- the caller's input ---------------------------------------------------------------------------------
+class InvalidArgumentError(KvfastError, ValueError, TypeError):
+    """An argument is missing or outside what is allowed (token ids the model has no embedding for, a
+    document longer than its position limit, a prefix longer than the file); the message names both."""
+
+
+class FileAccessError(KvfastError, OSError):
+    """A path cannot be used as asked: missing, a folder where a file is expected, not permitted, or the disk
+    is full. ``errno`` is the operating system's code."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None, errno: int | None = None):
+        super().__init__(message, path=path)
+        self.errno = errno
+
+
+def file_access_error(exc: OSError, path: str | os.PathLike, doing: str) -> FileAccessError:
+    """``exc`` (from ``doing`` to ``path``) as a one-line :class:`FileAccessError` naming ``path``."""
+    what = {errnos.ENOENT: "no such file or folder", errnos.EISDIR: "is a folder, expected a file",
+            errnos.ENOTDIR: "a parent of this path is a file, not a folder",
+            errnos.EACCES: "permission denied", errnos.EPERM: "permission denied",
+            errnos.ENOSPC: "no space left on the device"}.get(exc.errno, exc.strerror or str(exc))
+    return FileAccessError(f"{doing}: {what}", path=path, errno=exc.errno)
 
 
 # -- the origin (an S3-compatible object store) ------------------------------------------------------------

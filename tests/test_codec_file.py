@@ -17,7 +17,7 @@ if not HAS_CUDA:
 
 import kvfast  # noqa: E402
 from kvfast.format import codec as codecs  # noqa: E402
-from kvfast.load import reference  # noqa: E402
+from kvfast.loader import reference  # noqa: E402
 from kvfast._backend import native  # noqa: E402
 from kvfast.format.codec import CodecError  # noqa: E402
 from kvfast.errors import ChecksumError, LayoutError, UnsupportedCodecError  # noqa: E402

@@ -3,6 +3,8 @@
 Every test runs on every available kernel backend through the ``backend`` fixture:
 
 - ``triton-interpret``: the Triton kernels on CPU tensors in triton's interpreter (machines without a GPU);
+- ``cuda-host``: the CUDA kernels of ``csrc/cuda/`` compiled for the CPU, every CTA and thread of the grid run
+  in turn (``kvfast._C_cuda_host``): the GPU's index math and choice of copy word, on any machine;
 - ``triton-gpu`` and ``cuda``: the compiled Triton and CUDA kernels on a GPU (marked ``gpu``).
 
 The reference always runs on a CPU copy, so the oracle is the same everywhere. Inputs are random bit patterns
@@ -42,6 +44,7 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 BACKENDS = [
     pytest.param("triton-interpret", marks=pytest.mark.skipif(
         HAS_CUDA, reason="a GPU is present: Triton runs compiled (triton-gpu)")),
+    pytest.param("cuda-host"),
     pytest.param("triton-gpu", marks=[pytest.mark.gpu, needs_cuda]),
     pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda]),
 ]
@@ -55,6 +58,8 @@ BLOCK_SIZES = [1, 16, 32, 128]
 LAYOUTS = ["NHD", "HND"]
 NUM_TOKENS_LIST = [0, 1, 37, 203]
 SLOT_DTYPES = [torch.int32, torch.int64]
+# Slot mappings and block tables as given, or as a strided view (every other entry of a wider tensor).
+INDEX_VIEWS = ["contiguous", "strided"]
 # How one layer's K and V caches sit in memory: own tensors, kv-first [2, nb, ...], blocks-first [nb, 2, ...],
 # or vLLM's packed HND pages [nb, H, bs, 2 * D] with K and V as the two halves of the last dimension.
 STACKS = ["separate", "kv-first", "blocks-first", "packed"]
@@ -84,11 +89,16 @@ def backend(request) -> Backend:
         if name == "triton-interpret" and type(module._scatter_kv_kernel).__name__ != "InterpretedFunction":
             # Imported before this module set TRITON_INTERPRET: decorate the kernels again, now interpreted.
             module = importlib.reload(module)
+    elif name == "cuda-host":
+        try:
+            module = importlib.import_module("kvfast.kernels.cuda_host")
+        except ImportError:
+            pytest.skip("kvfast._C_cuda_host was not built (no C++ toolchain when kvfast was installed)")
     else:
         if cuda_kernels is None:
             pytest.skip("kvfast._C_cuda was not built (no nvcc when kvfast was installed)")
         module = cuda_kernels
-    return Backend(name, module, torch.device("cpu" if name == "triton-interpret" else "cuda"))
+    return Backend(name, module, torch.device("cpu" if name in ("triton-interpret", "cuda-host") else "cuda"))
 
 
 def random_bits(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -96,6 +106,15 @@ def random_bits(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator
     size = torch.empty(0, dtype=dtype).element_size()
     raw = torch.randint(0, 256, (*shape[:-1], shape[-1] * size), dtype=torch.uint8, generator=gen)
     return raw.view(dtype)
+
+
+def index_view(index: torch.Tensor, view: str) -> torch.Tensor:
+    """``index`` itself, or the same values as a stride-2 view whose neighbours are other valid entries (a kernel
+    that read it as contiguous would write or read the wrong places, not fail)."""
+    if view == "contiguous":
+        return index
+    assert view == "strided"
+    return torch.stack((index, index.roll(1)), dim=1)[:, 0]
 
 
 def random_slots(num_tokens: int, num_slots: int, gen: torch.Generator, pad_fraction: float = 0.2) -> torch.Tensor:
@@ -138,7 +157,7 @@ def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
 # ===================================================================================================
 def check_scatter(backend: Backend, *, dtype=DTYPE, head_dim=HEAD_DIM, num_heads=NUM_HEADS, block_size=BLOCK_SIZE,
                   layout="NHD", num_tokens=NUM_TOKENS, slot_dtype=torch.int64, stack="separate",
-                  src_view="contiguous", pad_fraction=0.2) -> None:
+                  src_view="contiguous", pad_fraction=0.2, slot_view="contiguous") -> None:
     gen = torch.Generator().manual_seed(SEED)
     num_blocks = -(-num_tokens // block_size) + 3  # spare blocks: random slots land in a random block order
     base, views = make_layer_cache(stack, layout, num_blocks, block_size, num_heads, head_dim, dtype, gen)
@@ -151,7 +170,7 @@ def check_scatter(backend: Backend, *, dtype=DTYPE, head_dim=HEAD_DIM, num_heads
     actual = [b.to(backend.device) for b in base]
     k_cache, v_cache = views(actual)
     backend.kernels.scatter_kv(src_k.to(backend.device), src_v.to(backend.device), k_cache, v_cache,
-                               slots.to(backend.device), layout=layout)
+                               index_view(slots.to(backend.device), slot_view), layout=layout)
     for a, e in zip(actual, expected):
         assert_same_bits(a, e)
 
@@ -214,6 +233,12 @@ def test_scatter_src_views(backend, src_view):
 
 def test_scatter_all_padding_writes_nothing(backend):
     check_scatter(backend, pad_fraction=1.0)
+
+
+@pytest.mark.parametrize("slot_dtype", SLOT_DTYPES, ids=str)
+@pytest.mark.parametrize("slot_view", INDEX_VIEWS)
+def test_scatter_slot_views(backend, slot_view, slot_dtype):
+    check_scatter(backend, slot_view=slot_view, slot_dtype=slot_dtype)
 
 
 # ===================================================================================================
@@ -294,7 +319,7 @@ def test_scatter_layers_into_paged_cache_storage(backend):
 # gather_kv: a sequence's pages back to contiguous [num_tokens, H, D]
 # ===================================================================================================
 def check_gather(backend: Backend, *, dtype=DTYPE, head_dim=HEAD_DIM, block_size=BLOCK_SIZE, layout="NHD",
-                 num_tokens=NUM_TOKENS, stack="separate", table_dtype=torch.int64) -> None:
+                 num_tokens=NUM_TOKENS, stack="separate", table_dtype=torch.int64, table_view="contiguous") -> None:
     gen = torch.Generator().manual_seed(SEED)
     num_blocks = -(-num_tokens // block_size) + 3
     base, views = make_layer_cache(stack, layout, num_blocks, block_size, NUM_HEADS, head_dim, dtype, gen)
@@ -303,7 +328,8 @@ def check_gather(backend: Backend, *, dtype=DTYPE, head_dim=HEAD_DIM, block_size
 
     expected = ops.gather_kv(*views(base), table, num_tokens, layout=layout)
     device_base = [b.to(backend.device) for b in base]
-    actual = backend.kernels.gather_kv(*views(device_base), table.to(backend.device), num_tokens, layout=layout)
+    actual = backend.kernels.gather_kv(*views(device_base), index_view(table.to(backend.device), table_view),
+                                       num_tokens, layout=layout)
     for a, e in zip(actual, expected):
         assert a.is_contiguous() and a.device.type == backend.device.type
         assert_same_bits(a, e)
@@ -344,6 +370,12 @@ def test_gather_stacks(backend, stack):
 @pytest.mark.parametrize("table_dtype", SLOT_DTYPES, ids=str)
 def test_gather_table_dtypes(backend, table_dtype):
     check_gather(backend, table_dtype=table_dtype)
+
+
+@pytest.mark.parametrize("table_dtype", SLOT_DTYPES, ids=str)
+@pytest.mark.parametrize("table_view", INDEX_VIEWS)
+def test_gather_table_views(backend, table_view, table_dtype):
+    check_gather(backend, table_view=table_view, table_dtype=table_dtype)
 
 
 # ===================================================================================================
@@ -399,25 +431,28 @@ def test_cuda_extension_built_when_nvcc_is_on_path():
 
 @pytest.mark.skipif(_C_cuda is None, reason="kvfast._C_cuda not built")
 def test_cuda_empty_launch_touches_nothing():
-    # Zero tokens never reach CUDA: null pointers are fine, and it works without a GPU.
-    _C_cuda.scatter_kv(0, 0, 0, 0, 0, 1, 0, 1, 8, 16, 2, (0, 8, 8), (0, 8, 8), (0, 128, 8, 8), (0, 128, 8, 8), 0)
-    _C_cuda.gather_kv(0, 0, 0, 0, 0, 0, 1, 8, 16, 2, (128, 8, 8), (128, 8, 8), (8, 8), 0)
+    # Zero tokens never reach CUDA (not even the device guard): null pointers are fine, and it works without a GPU.
+    assert _C_cuda.scatter_kv(0, 0, 0, 0, 0, 1, 0, 1, 8, 16, 2, (0, 8, 8), (0, 8, 8), (0, 128, 8, 8), (0, 128, 8, 8),
+                              0, 0) == 0
+    assert _C_cuda.gather_kv(0, 0, 0, 0, 0, 0, 1, 8, 16, 2, (128, 8, 8), (128, 8, 8), (8, 8), 0, 0) == 0
 
 
 @pytest.mark.skipif(_C_cuda is None, reason="kvfast._C_cuda not built")
 def test_cuda_launcher_refuses_bad_sizes():
     with pytest.raises(ValueError, match="elem_size"):
-        _C_cuda.scatter_kv(0, 0, 0, 0, 0, 1, 1, 1, 8, 16, 3, (0, 8, 8), (0, 8, 8), (0, 128, 8, 8), (0, 128, 8, 8), 0)
+        _C_cuda.scatter_kv(0, 0, 0, 0, 0, 1, 1, 1, 8, 16, 3, (0, 8, 8), (0, 8, 8), (0, 128, 8, 8), (0, 128, 8, 8), 0,
+                           0)
 
 
 @pytest.mark.skipif(_C_cuda is None or HAS_CUDA or _C_cuda.device_count() > 0,
                     reason="needs kvfast._C_cuda and no GPU (the launch uses null pointers)")
 def test_cuda_errors_name_the_failing_call():
-    # Without a GPU (or driver) the launch itself fails, before any pointer is touched.
-    with pytest.raises(RuntimeError, match=r"scatter_kv_kernel.*failed: cudaError"):
-        _C_cuda.scatter_kv(0, 0, 0, 0, 0, 1, 1, 1, 8, 16, 2, (0, 8, 8), (0, 8, 8), (0, 128, 8, 8), (0, 128, 8, 8), 0)
-    with pytest.raises(RuntimeError, match=r"gather_kv_kernel.*failed: cudaError"):
-        _C_cuda.gather_kv(0, 0, 0, 0, 0, 1, 1, 8, 16, 2, (128, 8, 8), (128, 8, 8), (8, 8), 0)
+    # Without a GPU (or driver) the launch's device guard fails, before any pointer is touched.
+    with pytest.raises(RuntimeError, match=r"CUDA call cuda\w+.*failed: cudaError"):
+        _C_cuda.scatter_kv(0, 0, 0, 0, 0, 1, 1, 1, 8, 16, 2, (0, 8, 8), (0, 8, 8), (0, 128, 8, 8), (0, 128, 8, 8), 0,
+                           0)
+    with pytest.raises(RuntimeError, match=r"CUDA call cuda\w+.*failed: cudaError"):
+        _C_cuda.gather_kv(0, 0, 0, 0, 0, 1, 1, 8, 16, 2, (128, 8, 8), (128, 8, 8), (8, 8), 0, 0)
 
 
 @pytest.mark.skipif(cuda_kernels is None, reason="kvfast._C_cuda not built")

@@ -2,11 +2,13 @@
 #include "gpu_sink.h"
 
 #include <algorithm>
+#include <cstring>
 #include <exception>
 #include <stdexcept>
 #include <string>
 #include <thread>
 
+#include "cuda_check.h"
 #include "paged_kv.h"
 
 namespace kvfast {
@@ -14,11 +16,10 @@ namespace cuda {
 
 namespace {
 
-std::string describe(const char* call, cudaError_t e) {
-  return std::string(call) + " failed: " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
+Status device_error(const char* call, cudaError_t e) {
+  clear_last_error();  // reported here: it must not resurface as a later launch's failure
+  return {ErrorKind::kDevice, 0, 0, describe(call, e)};
 }
-
-Status device_error(const char* call, cudaError_t e) { return {ErrorKind::kDevice, 0, 0, describe(call, e)}; }
 
 #define KVF_STATUS(call)                                           \
   do {                                                             \
@@ -29,8 +30,15 @@ Status device_error(const char* call, cudaError_t e) { return {ErrorKind::kDevic
 #define KVF_THROW(call)                                                      \
   do {                                                                       \
     cudaError_t e_ = (call);                                                 \
-    if (e_ != cudaSuccess) throw std::runtime_error(describe(#call, e_));    \
+    if (e_ != cudaSuccess) {                                                 \
+      clear_last_error();                                                    \
+      throw std::runtime_error(describe(#call, e_));                         \
+    }                                                                        \
   } while (0)
+
+#define KVF_GUARD(device)                                                    \
+  DeviceGuard guard_(device);                                                \
+  if (guard_.status() != cudaSuccess) return device_error("cudaSetDevice (device guard)", guard_.status())
 
 // Runs fn on a fresh thread whose current device is `device`: set-up and tear-down never change the calling
 // thread's current device, and so never create a context on a device the caller did not name.
@@ -65,65 +73,99 @@ GpuSink::GpuSink(PagedLayout layout, std::vector<LayerDest> dests, const std::ve
   if (options_.ring_slots < 2) throw std::invalid_argument("ring_slots must be >= 2");
   layer_events_.assign(dests_.size(), nullptr);
   try {
-    on_device(options_.device, [&] {
-      KVF_THROW(cudaStreamCreateWithFlags(&join_, cudaStreamNonBlocking));
-      for (cudaEvent_t& e : layer_events_) KVF_THROW(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-      for (Worker& w : workers_) {
-        KVF_THROW(cudaStreamCreateWithFlags(&w.stream, cudaStreamNonBlocking));
-        KVF_THROW(cudaEventCreateWithFlags(&w.last, cudaEventDisableTiming));
-        w.slots.resize(static_cast<size_t>(options_.ring_slots));
-        for (Slot& s : w.slots) {
-          KVF_THROW(cudaHostAlloc(reinterpret_cast<void**>(&s.host), slot_bytes_, cudaHostAllocDefault));
-          if (!options_.dma) KVF_THROW(cudaMalloc(reinterpret_cast<void**>(&s.device), slot_bytes_));
-          KVF_THROW(cudaEventCreateWithFlags(&s.free, cudaEventDisableTiming));
-        }
-      }
-      if (!options_.dma) {  // the slot of every token, once: the scatter kernel reads its chunk's range
-        std::vector<int64_t> slots(static_cast<size_t>(num_tokens_));
-        for (int64_t t = 0; t < num_tokens_; ++t)
-          slots[t] = block_table_[t / layout_.block_size] * layout_.block_size + t % layout_.block_size;
-        KVF_THROW(cudaMalloc(reinterpret_cast<void**>(&slots_device_), slots.size() * sizeof(int64_t)));
-        KVF_THROW(cudaMemcpy(slots_device_, slots.data(), slots.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
-      }
-    });
+    on_device(options_.device, [&] { set_up(); });
   } catch (...) {
     release();
     throw;
   }
 }
 
+// On the set-up thread, with the device current.
+void GpuSink::set_up() {
+  StagingPool& pool = StagingPool::of_device(options_.device);
+  KVF_THROW(cudaStreamCreateWithFlags(&join_, cudaStreamNonBlocking));
+  KVF_THROW(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
+  for (cudaEvent_t& e : layer_events_) KVF_THROW(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  for (Worker& w : workers_) {
+    KVF_THROW(cudaStreamCreateWithFlags(&w.stream, cudaStreamNonBlocking));
+    KVF_THROW(cudaEventCreateWithFlags(&w.last, cudaEventDisableTiming));
+    w.slots.resize(static_cast<size_t>(options_.ring_slots));
+    for (Slot& s : w.slots) {
+      KVF_THROW(pool.acquire(slot_bytes_, !options_.dma, &s.buffer));
+      KVF_THROW(cudaEventCreateWithFlags(&s.free, cudaEventDisableTiming));
+    }
+  }
+  // The caller's stream first: blocks just allocated may still be zeroed, copied (copy on write) or read by
+  // kernels queued there, and the load's writes must land after them.
+  KVF_THROW(cudaEventCreateWithFlags(&after_, cudaEventDisableTiming));
+  KVF_THROW(cudaEventRecord(after_, options_.after));
+  KVF_THROW(cudaStreamWaitEvent(join_, after_, 0));
+  if (!options_.dma) {  // the slot of every token, once: the scatter kernel reads its chunk's range
+    const std::vector<int64_t> slots = token_slots(block_table_, num_tokens_, layout_.block_size);
+    const uint64_t bytes = slots.size() * sizeof(int64_t);
+    KVF_THROW(pool.acquire(bytes, true, &slot_table_));
+    std::memcpy(slot_table_.host, slots.data(), bytes);
+    // From pinned memory on a stream: the workers' streams wait for `ready`, so no scatter reads the table early
+    // (a pageable cudaMemcpy may return before its copy lands, and non-blocking streams do not wait for it).
+    KVF_THROW(cudaMemcpyAsync(slot_table_.device, slot_table_.host, bytes, cudaMemcpyHostToDevice, join_));
+  }
+  KVF_THROW(cudaEventRecord(ready_, join_));
+  for (Worker& w : workers_) KVF_THROW(cudaStreamWaitEvent(w.stream, ready_, 0));
+}
+
 GpuSink::~GpuSink() { release(); }
 
-// Waits for all enqueued work (the slots may still be read by a copy), then frees. Errors here have nowhere to
-// go: a failed stream already reported itself through the job.
+// Waits for this sink's streams only (never the device), returns the buffers, destroys streams and events.
+// Errors here have nowhere to go: a failed stream already reported itself through the job.
 void GpuSink::release() {
   try {
     on_device(options_.device, [&] {
-      for (Worker& w : workers_) {
+      for (Worker& w : workers_)
         if (w.stream) cudaStreamSynchronize(w.stream);
+      if (join_) cudaStreamSynchronize(join_);
+      return_buffers();
+      for (Worker& w : workers_) {
         for (Slot& s : w.slots) {
-          if (s.host) cudaFreeHost(s.host);
-          if (s.device) cudaFree(s.device);
           if (s.free) cudaEventDestroy(s.free);
-          s = Slot{};
+          s.free = nullptr;
         }
         if (w.last) cudaEventDestroy(w.last);
         if (w.stream) cudaStreamDestroy(w.stream);
         w.last = nullptr;
         w.stream = nullptr;
       }
-      if (join_) cudaStreamSynchronize(join_);
       for (cudaEvent_t& e : layer_events_) {
         if (e) cudaEventDestroy(e);
         e = nullptr;
       }
+      for (cudaEvent_t* e : {&after_, &ready_}) {
+        if (*e) cudaEventDestroy(*e);
+        *e = nullptr;
+      }
       if (join_) cudaStreamDestroy(join_);
       join_ = nullptr;
-      if (slots_device_) cudaFree(slots_device_);
-      slots_device_ = nullptr;
+      clear_last_error();
     });
   } catch (...) {  // cudaSetDevice itself failed: the driver is gone, and so is what we held
   }
+}
+
+void GpuSink::return_buffers() {
+  std::lock_guard<std::mutex> lock(buffers_mutex_);
+  StagingPool& pool = StagingPool::of_device(options_.device);
+  for (Worker& w : workers_) {
+    for (Slot& s : w.slots) {
+      pool.release(s.buffer);
+      s.buffer = StagingBuffer{};
+    }
+  }
+  pool.release(slot_table_);
+  slot_table_ = StagingBuffer{};
+}
+
+void GpuSink::recycle() {
+  DeviceGuard guard(options_.device);
+  if (guard.status() == cudaSuccess) return_buffers();  // else the destructor tries again on its own thread
 }
 
 Status GpuSink::use_device(Worker& w) {
@@ -145,7 +187,7 @@ Status GpuSink::load(const ChunkSpec& c, int worker, FileSource& source, SourceS
   uint32_t crc = 0;
   for (uint64_t done = 0; done < c.length;) {  // pieces of piece_bytes: each is checksummed while in L2
     const uint64_t n = std::min<uint64_t>(options_.piece_bytes, c.length - done);
-    const iovec piece = {slot.host + done, n};
+    const iovec piece = {slot.buffer.host + done, n};
     s = source.read(c.offset + done, &piece, 1, n, scratch, options_.verify ? &crc : nullptr, false);
     if (!s.ok()) return s;
     done += n;
@@ -163,29 +205,12 @@ Status GpuSink::load(const ChunkSpec& c, int worker, FileSource& source, SourceS
 
 // One host->device copy of the whole chunk, then the stride-addressed scatter of its stored tokens.
 Status GpuSink::enqueue_scatter(const ChunkSpec& c, Worker& w, Slot& slot) {
-  KVF_STATUS(cudaMemcpyAsync(slot.device, slot.host, c.length, cudaMemcpyHostToDevice, w.stream));
-  const int64_t tokens = c.stop - c.start;
-  const int64_t stored = std::min(c.stop, num_tokens_) - c.start;  // a prefix load's last chunk: fewer
-  const int64_t e = options_.elem_size;
-  const int64_t head_dim = layout_.head_bytes / e;
-  ScatterArgs a{};
-  a.src_k = slot.device;
-  a.src_v = slot.device + tokens * layout_.row_bytes();
-  a.k_cache = dests_[c.layer].pages[0];
-  a.v_cache = dests_[c.layer].pages[1];
-  a.slot_mapping = slots_device_ + c.start;
-  a.num_layers = 1;
-  a.num_tokens = stored;
-  a.num_heads = layout_.num_heads;
-  a.head_dim = head_dim;
-  a.block_size = layout_.block_size;
-  a.elem_size = e;
-  a.src_k_strides = {0, layout_.num_heads * head_dim, head_dim};
-  a.src_v_strides = a.src_k_strides;
-  a.k_cache_strides = {0, layout_.block_stride / e, layout_.token_stride / e, layout_.head_stride / e};
-  a.v_cache_strides = a.k_cache_strides;
+  KVF_STATUS(cudaMemcpyAsync(slot.buffer.device, slot.buffer.host, c.length, cudaMemcpyHostToDevice, w.stream));
+  const ScatterArgs a = chunk_scatter_args(layout_, c, num_tokens_, options_.elem_size, slot.buffer.device,
+                                           dests_[static_cast<size_t>(c.layer)],
+                                           reinterpret_cast<const int64_t*>(slot_table_.device));
   try {
-    scatter_kv(a, w.stream);
+    scatter_kv(a, options_.device, w.stream);
   } catch (const std::exception& ex) {
     return {ErrorKind::kDevice, 0, c.offset, ex.what()};
   }
@@ -194,46 +219,33 @@ Status GpuSink::enqueue_scatter(const ChunkSpec& c, Worker& w, Slot& slot) {
 
 // Copy engines straight from pinned staging into the pages: one copy per run of tokens inside a block.
 Status GpuSink::enqueue_dma(const ChunkSpec& c, Worker& w, const Slot& slot) {
-  const int64_t bs = layout_.block_size;
-  const int64_t row = layout_.row_bytes();
-  const int64_t tokens = c.stop - c.start;
-  const int64_t end = std::min(c.stop, num_tokens_);
-  w.dsts.clear();
-  w.srcs.clear();
-  w.sizes.clear();
-  for (int kv = 0; kv < 2; ++kv) {
-    const uint8_t* src = slot.host + kv * tokens * row;
-    for (int64_t t = c.start; t < end;) {
-      const int64_t run = std::min(bs - t % bs, end - t);
-      w.dsts.push_back(dests_[c.layer].pages[kv] + block_table_[t / bs] * layout_.block_stride +
-                       (t % bs) * layout_.token_stride);
-      w.srcs.push_back(src + (t - c.start) * row);
-      w.sizes.push_back(static_cast<size_t>(run * row));
-      t += run;
-    }
-  }
+  chunk_dma_runs(layout_, c, num_tokens_, slot.buffer.host, dests_[static_cast<size_t>(c.layer)], block_table_,
+                 &w.runs);
+  std::vector<void*>& dsts = w.runs.dsts;
+  std::vector<const void*>& srcs = w.runs.srcs;
+  std::vector<size_t>& sizes = w.runs.sizes;
 #if CUDART_VERSION >= 12080
   if (batch_copies_.load(std::memory_order_relaxed)) {
     cudaMemcpyAttributes attr{};
     attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;  // the slot is ours until its event: stream order
     size_t first = 0;
 #if CUDART_VERSION >= 13000
-    const cudaError_t e = cudaMemcpyBatchAsync(w.dsts.data(), w.srcs.data(), w.sizes.data(), w.sizes.size(), &attr,
-                                               &first, 1, w.stream);
+    const cudaError_t e = cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), sizes.size(), &attr, &first, 1,
+                                               w.stream);
 #else
     size_t failed_at = 0;
-    const cudaError_t e = cudaMemcpyBatchAsync(const_cast<void**>(w.dsts.data()), const_cast<void**>(w.srcs.data()),
-                                               w.sizes.data(), w.sizes.size(), &attr, &first, 1, &failed_at, w.stream);
+    const cudaError_t e = cudaMemcpyBatchAsync(const_cast<void**>(dsts.data()), const_cast<void**>(srcs.data()),
+                                               sizes.data(), sizes.size(), &attr, &first, 1, &failed_at, w.stream);
 #endif
     if (e == cudaSuccess) return {};
     if (e != cudaErrorNotSupported && e != cudaErrorCallRequiresNewerDriver)
       return device_error("cudaMemcpyBatchAsync", e);
-    cudaGetLastError();  // an older driver: clear it and copy run by run from now on
+    clear_last_error();  // an older driver: copy run by run from now on
     batch_copies_.store(false, std::memory_order_relaxed);
   }
 #endif
-  for (size_t i = 0; i < w.sizes.size(); ++i)
-    KVF_STATUS(cudaMemcpyAsync(w.dsts[i], w.srcs[i], w.sizes[i], cudaMemcpyHostToDevice, w.stream));
+  for (size_t i = 0; i < sizes.size(); ++i)
+    KVF_STATUS(cudaMemcpyAsync(dsts[i], srcs[i], sizes[i], cudaMemcpyHostToDevice, w.stream));
   return {};
 }
 
@@ -244,21 +256,44 @@ Status GpuSink::layer_complete(int64_t layer) {
   return {};
 }
 
-bool GpuSink::layer_landed(int64_t layer) {
-  return cudaEventQuery(layer_events_[static_cast<size_t>(layer)]) == cudaSuccess;
+Status GpuSink::layer_landed(int64_t layer, bool* landed) {
+  KVF_GUARD(options_.device);
+  const cudaError_t e = answered(cudaEventQuery(layer_events_[static_cast<size_t>(layer)]));
+  *landed = e == cudaSuccess;
+  if (e != cudaSuccess && e != cudaErrorNotReady) return device_error("cudaEventQuery", e);
+  return {};
 }
 
 Status GpuSink::synchronize_layer(int64_t layer) {
+  KVF_GUARD(options_.device);
   KVF_STATUS(cudaEventSynchronize(layer_events_[static_cast<size_t>(layer)]));
   return {};
 }
 
 Status GpuSink::stream_wait_layer(int64_t layer, cudaStream_t stream) {
+  KVF_GUARD(options_.device);  // a stream of 0 is the legacy default stream of the current device: this one
   KVF_STATUS(cudaStreamWaitEvent(stream, layer_events_[static_cast<size_t>(layer)], 0));
   return {};
 }
 
+Status GpuSink::landed(bool* all) {
+  KVF_GUARD(options_.device);
+  *all = true;
+  std::vector<cudaStream_t> streams = {join_};
+  for (Worker& w : workers_) streams.push_back(w.stream);
+  for (cudaStream_t s : streams) {
+    const cudaError_t e = answered(cudaStreamQuery(s));
+    if (e == cudaErrorNotReady) {
+      *all = false;
+      return {};
+    }
+    if (e != cudaSuccess) return device_error("cudaStreamQuery", e);
+  }
+  return {};
+}
+
 Status GpuSink::synchronize() {
+  KVF_GUARD(options_.device);
   for (Worker& w : workers_) KVF_STATUS(cudaStreamSynchronize(w.stream));
   KVF_STATUS(cudaStreamSynchronize(join_));
   return {};

@@ -74,8 +74,9 @@ def scatter_kv_layers(src: torch.Tensor, cache: torch.Tensor, slot_mapping: torc
                       layout: str = "NHD") -> None:
     """Write a chunk of tokens for several layers at once: :func:`scatter_kv` once per layer.
 
-    The loader's case: a staging buffer holds ``[layers, K/V, tokens, H, D]`` (a .kvf token range of several
-    layers) and every layer's tokens go to the same slots.
+    For a buffer holding ``[layers, K/V, tokens, H, D]`` (one token range of several layers) whose every layer's
+    tokens go to the same slots. kvfast's loaders scatter chunk by chunk (one layer each, layer-major, so layers
+    complete in order); bench/bench_kernels.py measures this one-launch form against them.
 
     Args:
         src: ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]``; ``src[:, 0]`` is K, ``src[:, 1]`` is V.

@@ -98,6 +98,9 @@ class PagedKVCache:
         page = (block_size, num_kv_heads, head_dim) if layout == "NHD" else (num_kv_heads, block_size, head_dim)
         # [num_layers, 2, num_blocks, *page]: zero-filled so no read ever sees another process's old memory
         self.storage = torch.zeros(num_layers, 2, num_blocks, *page, dtype=dtype, device=self.device)
+        # "cuda" -> "cuda:N": every tensor, stream and launch for this cache then names its device, whichever
+        # device is current when they are made.
+        self.device = self.storage.device
         self.pages = KVPages([self.storage[i, 0] for i in range(num_layers)],
                              [self.storage[i, 1] for i in range(num_layers)], layout=layout)
         self.allocator = BlockAllocator(num_blocks)
@@ -191,6 +194,17 @@ class PagedKVCache:
         child = self.new_sequence()
         child.block_table, child.num_tokens = list(blocks), n
         return child
+
+    def truncate(self, seq: KVSequence, num_tokens: int) -> None:
+        """Keep only the first ``num_tokens`` tokens of ``seq``: whole blocks past them are released; a kept,
+        partly filled block that another sequence shares is copied before the next write (copy on write), so the
+        other sequence is untouched."""
+        if not 0 <= num_tokens <= seq.num_tokens:
+            raise ValueError(f"num_tokens must be in [0, {seq.num_tokens}], got {num_tokens}")
+        blocks = self.blocks_for(num_tokens)
+        self.allocator.decref(seq.block_table[blocks:])
+        del seq.block_table[blocks:]
+        seq.num_tokens = num_tokens
 
     def free(self, seq: KVSequence) -> None:
         """Drop ``seq``'s block references; blocks no other sequence holds return to the free list."""

@@ -1,6 +1,7 @@
 """Writing a .kvf file: chunk, encode, checksum, lay out (§2) and commit atomically (temp file, fsync, rename)."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import numbers
@@ -14,7 +15,7 @@ import torch
 
 from kvfast._backend import crc32c
 from kvfast._fs import DEFAULT_THREADS, atomic_write
-from kvfast.errors import UnsupportedCodecError
+from kvfast.errors import FileAccessError, UnsupportedCodecError, file_access_error
 from kvfast.format import codec as codecs
 from kvfast.format.manifest import validate_manifest
 from kvfast.format.spec import (
@@ -140,8 +141,17 @@ def save_kv(
             for p in parts:
                 f.write(p)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, write_regions)
+    if path.is_dir():
+        raise FileAccessError("is a folder; give the .kvf file to write", path=path, errno=errno.EISDIR)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise file_access_error(exc, path.parent, "creating the folder") from None
+    try:
+        atomic_write(path, write_regions)
+    except OSError as exc:  # the temporary file is gone and ``path`` untouched: say so, naming the user's path
+        why = "no space left on the device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+        raise FileAccessError(f"writing it failed ({why}); nothing was written", path=path, errno=exc.errno) from exc
     return path
 
 

@@ -79,3 +79,18 @@ class PagedCache(Cache):
         k, v = self.cache.gather(self.seq, layer, 0, start + q)
         # [S, H, D] -> contiguous [1, H, S, D], the exact tensor DynamicCache would hand attention
         return k.transpose(0, 1).contiguous()[None], v.transpose(0, 1).contiguous()[None]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Truncate the sequence (``transformers``' convention: a negative value removes that many tokens, a
+        positive one is the length to keep); used by prompt-lookup and assisted decoding to drop rejected
+        draft tokens (:meth:`PagedKVCache.truncate`)."""
+        length = self.seq.num_tokens
+        keep = length - min(-tokens_to_remove, length) if tokens_to_remove <= 0 else min(tokens_to_remove, length)
+        self.cache.truncate(self.seq, keep)
+        self.lengths = [keep] * len(self.lengths)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Batch size 1 only: the identity order is accepted, any other (beam search) is refused."""
+        if beam_idx.tolist() != [0]:
+            raise NotImplementedError("PagedCache serves batch size 1: beam search (num_beams > 1) is not "
+                                      "supported; use num_beams=1")

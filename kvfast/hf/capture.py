@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache
 
+from kvfast.errors import InvalidArgumentError
 from kvfast.identity import fingerprint as model_fingerprint
 from kvfast.identity import model_config
 from kvfast.format import save_kv
@@ -20,11 +21,30 @@ from kvfast.hf.cache import PagedCache
 DEFAULT_PREFILL_CHUNK = 512  # tokens per forward: bounds activation memory for long documents
 
 
-def token_tensor(token_ids: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+def model_token_tensor(model: Any, token_ids: Sequence[int] | torch.Tensor, *, start: int = 0,
+                       path: str | os.PathLike | None = None) -> torch.Tensor:
+    """``token_ids`` as a tensor on the model's device, refused unless the model can take them at positions
+    ``start...``: an id outside the embedding table would fail deep inside the forward (``IndexError: index out
+    of range in self``), and positions past the model's limit give KV it was never trained for."""
     ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
     if ids.numel() == 0:
-        raise ValueError("token_ids is empty")
-    return ids.to(device)
+        raise InvalidArgumentError("token_ids is empty; give at least one token id", path=path)
+    vocab = model.get_input_embeddings().num_embeddings
+    bad = ((ids < 0) | (ids >= vocab)).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise InvalidArgumentError(f"token id {int(ids[i])} at position {i} is not in the model's vocabulary "
+                                   f"(allowed: 0..{vocab - 1})", path=path)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and start + ids.numel() > limit:
+        raise InvalidArgumentError(f"{start} + {ids.numel()} tokens exceed the model's position limit "
+                                   f"(max_position_embeddings={limit}); shorten the document", path=path)
+    return ids.to(model.device)
+
+
+def _check_prefill_chunk(prefill_chunk: int) -> None:
+    if prefill_chunk < 1:
+        raise InvalidArgumentError(f"prefill_chunk={prefill_chunk}; use a positive number of tokens per forward")
 
 
 @torch.no_grad()
@@ -34,9 +54,8 @@ def prefill(model: Any, token_ids: Sequence[int] | torch.Tensor, *, prefill_chun
 
     The cache uses full-attention layers even for sliding-window models, so no document token is dropped.
     """
-    if prefill_chunk < 1:
-        raise ValueError("prefill_chunk must be >= 1")
-    ids = token_tensor(token_ids, model.device)
+    _check_prefill_chunk(prefill_chunk)
+    ids = model_token_tensor(model, token_ids)
     past = DynamicCache()
     for a in tqdm(range(0, ids.numel(), prefill_chunk), desc="prefill", unit="chunk", disable=not progress):
         model(input_ids=ids[None, a : a + prefill_chunk], past_key_values=past, use_cache=True, logits_to_keep=1)
@@ -63,6 +82,7 @@ def publish(model: Any, token_ids: Sequence[int] | torch.Tensor, path: str | os.
     Example:
         >>> kvfast.publish(model, tokenizer(doc).input_ids, "doc.kvf")  # doctest: +SKIP
     """
+    model_token_tensor(model, token_ids, path=path)  # refused naming the file, before any prefill
     keys, values = capture_kv(model, token_ids, prefill_chunk=prefill_chunk, progress=progress)
     save_kv_options.setdefault("model_config", model_config(model))
     meta = dict(save_kv_options.pop("metadata", None) or {})
@@ -79,7 +99,8 @@ def extend(model: Any, cache: PagedKVCache, seq: KVSequence, token_ids: Sequence
 
     Returns the logits after the last token, ``[vocab]``; ``seq`` grows by ``len(token_ids)``.
     """
-    ids = token_tensor(token_ids, model.device)
+    _check_prefill_chunk(prefill_chunk)
+    ids = model_token_tensor(model, token_ids, start=seq.num_tokens)
     past = PagedCache(cache, seq)
     for a in tqdm(range(0, ids.numel(), prefill_chunk), desc="prefill", unit="chunk", disable=not progress):
         logits = model(input_ids=ids[None, a : a + prefill_chunk], past_key_values=past, use_cache=True,

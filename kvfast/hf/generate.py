@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
 from kvfast.hf.cache import PagedCache
-from kvfast.hf.capture import token_tensor
+from kvfast.hf.capture import model_token_tensor
 from kvfast.cache.paged import KVSequence, PagedKVCache
 
 
@@ -51,17 +52,17 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int,
 def decode(model: Any, past: Cache, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens: int = 32,
            do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            seed: int | None = None, eos_token_id: int | None = None,
-           return_logits: bool = True) -> GenerationOutput:
+           return_logits: bool = True, progress: bool = False) -> GenerationOutput:
     """Feed ``prompt_ids`` after what ``past`` holds, then generate; the loop behind :func:`generate`."""
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
     if do_sample and temperature <= 0:
         raise ValueError("temperature must be > 0 when sampling")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    ids = token_tensor(prompt_ids, model.device)[None]
+    ids = model_token_tensor(model, prompt_ids, start=past.get_seq_length())[None]
     tokens: list[int] = []
     rows: list[torch.Tensor] = []
-    for step in range(max_new_tokens):
+    for step in tqdm(range(max_new_tokens), desc="generate", unit="token", disable=not progress):
         # logits_to_keep=1 on every path, so the lm_head matmul has the same shape everywhere
         logits = model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1).logits[0, -1]
         token = _pick(logits, do_sample, temperature, top_k, top_p, generator)
@@ -77,7 +78,7 @@ def decode(model: Any, past: Cache, prompt_ids: Sequence[int] | torch.Tensor, *,
 def generate(model: Any, cache: PagedKVCache, seq: KVSequence, prompt_ids: Sequence[int] | torch.Tensor, *,
              max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, seed: int | None = None, eos_token_id: int | None = None,
-             return_logits: bool = True) -> GenerationOutput:
+             return_logits: bool = True, progress: bool = False) -> GenerationOutput:
     """Continue ``seq`` (e.g. a loaded document) with ``prompt_ids`` and generate up to ``max_new_tokens``.
 
     ``seq`` grows by the prompt and the generated tokens (all but the last, which was never fed back).
@@ -91,6 +92,7 @@ def generate(model: Any, cache: PagedKVCache, seq: KVSequence, prompt_ids: Seque
             ``seed`` (same seed, same tokens).
         eos_token_id: stop after generating it.
         return_logits: keep each step's logits.
+        progress: show a progress bar of the new tokens (on stderr).
 
     Example:
         >>> seq = kvfast.load("doc.kvf", cache, model=model)                              # doctest: +SKIP
@@ -99,4 +101,4 @@ def generate(model: Any, cache: PagedKVCache, seq: KVSequence, prompt_ids: Seque
     """
     return decode(model, PagedCache(cache, seq), prompt_ids, max_new_tokens=max_new_tokens,
                   do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                  eos_token_id=eos_token_id, return_logits=return_logits)
+                  eos_token_id=eos_token_id, return_logits=return_logits, progress=progress)

@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicCache
 from kvfast.format import open_kvf
 from kvfast.hf.generate import GenerationOutput, decode, generate
 from kvfast.hf.capture import DEFAULT_PREFILL_CHUNK, kv_from_cache, prefill
-from kvfast.load import load
+from kvfast.loader import load
 from kvfast.cache.paged import PagedKVCache
 
 
@@ -61,8 +61,10 @@ def _agreement(a: GenerationOutput, b: GenerationOutput) -> tuple[int, float]:
 
 
 def verify(model: Any, path: str | os.PathLike, prompt_ids: Sequence[int], *, max_new_tokens: int = 32,
-           block_size: int = 16, layout: str = "NHD") -> VerifyReport:
+           block_size: int = 16, layout: str = "NHD", progress: bool = False) -> VerifyReport:
     """Load ``path`` for ``model`` and compare it and its continuation against fresh prefills.
+
+    ``progress`` shows a progress bar for each prefill and generation (on stderr).
 
     Raises whatever :func:`kvfast.load` raises for a file that cannot be attached to ``model``.
     """
@@ -77,7 +79,7 @@ def verify(model: Any, path: str | os.PathLike, prompt_ids: Sequence[int], *, ma
         load_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    past = prefill(model, doc, prefill_chunk=chunk)
+    past = prefill(model, doc, prefill_chunk=chunk, progress=progress)
     prefill_s = time.perf_counter() - t0
     keys, values = kv_from_cache(past)
     kv_equal = all(
@@ -85,9 +87,10 @@ def verify(model: Any, path: str | os.PathLike, prompt_ids: Sequence[int], *, ma
         for layer in range(cache.num_layers)
         for a, b in zip(cache.gather(seq, layer), (keys[layer], values[layer]))
     )
-    loaded = generate(model, cache, seq, prompt_ids, max_new_tokens=max_new_tokens)
-    fresh = decode(model, past, prompt_ids, max_new_tokens=max_new_tokens)
-    scratch = decode(model, DynamicCache(), doc + list(prompt_ids), max_new_tokens=max_new_tokens)
+    loaded = generate(model, cache, seq, prompt_ids, max_new_tokens=max_new_tokens, progress=progress)
+    fresh = decode(model, past, prompt_ids, max_new_tokens=max_new_tokens, progress=progress)
+    scratch = decode(model, DynamicCache(), doc + list(prompt_ids), max_new_tokens=max_new_tokens,
+                     progress=progress)
     p_tok, p_diff = _agreement(loaded, fresh)
     s_tok, s_diff = _agreement(loaded, scratch)
     return VerifyReport(str(path), len(doc), len(prompt_ids), len(loaded.tokens), kv_equal, p_tok, p_diff,

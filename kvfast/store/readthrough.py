@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvfast.errors import OriginError, SignatureError
 from kvfast.format import DTYPE_NAMES, open_kvf
-from kvfast.load.stream import RemoteReader, fetch_to_file
+from kvfast.loader.stream import RemoteReader, fetch_to_file
 from kvfast.store.entry import StoreEntry
 from kvfast.trust.signing import verify_signature
 

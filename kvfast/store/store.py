@@ -40,9 +40,9 @@ from kvfast.hf.capture import publish as hf_publish
 from kvfast.format.spec import token_array
 from kvfast.identity import block_hashes, document_key
 from kvfast.identity import fingerprint as model_fingerprint
-from kvfast.load import LoadHandle, load, load_into
-from kvfast.load.compat import check_fits
-from kvfast.load.handle import CompletedJob
+from kvfast.loader import LoadHandle, load, load_into
+from kvfast.loader.compat import check_fits
+from kvfast.loader.handle import CompletedJob
 from kvfast.store import gc as gc_
 from kvfast.store import readthrough
 from kvfast.store.entry import StoreEntry, StoreKey, StoreMatch, StoreStats
@@ -245,10 +245,14 @@ class Store:
             shutil.copyfile(src, tmp)
             fsync_file(tmp)
             # Check the bytes that will be committed, not the source (it may change under us).
-            with open_kvf(tmp) as r:
-                if verify:
-                    r.verify()
-                copied = StoreKey(r.manifest.fingerprint, self.document_key(r.token_ids))
+            try:
+                with open_kvf(tmp) as r:
+                    if verify:
+                        r.verify()
+                    copied = StoreKey(r.manifest.fingerprint, self.document_key(r.token_ids))
+            except FormatError as exc:  # name the caller's file, not the store's private copy of it
+                detail = str(exc).removeprefix(f"{exc.path}: ") if exc.path else str(exc)
+                raise type(exc)(f"{detail}; not stored", path=src) from None
             if copied != key:
                 raise FormatError("the file changed while it was being copied into the store; put it again",
                                   path=src)

@@ -12,8 +12,8 @@ import time
 import pytest
 
 import kvfast
-from kvfast.load import stream
-from kvfast.load.stream import RemoteReader
+from kvfast.loader import stream
+from kvfast.loader.stream import RemoteReader
 from kvfast.origin import OriginConfig
 from tests import seaweed
 from tests.origin.helpers import FP, GatedSource, assert_loaded, cache_for, document, local_kvf_files, node

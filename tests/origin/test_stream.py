@@ -1,4 +1,4 @@
-"""Streaming load from an origin (kvfast/load/stream.py): s3:// and presigned URLs, bit for bit, layer 0 before the
+"""Streaming load from an origin (kvfast/loader/stream.py): s3:// and presigned URLs, bit for bit, layer 0 before the
 rest has arrived, memory bounded by the ring, every chunk checked before it reaches a page."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import kvfast
-from kvfast.load import stream
-from kvfast.load.stream import RemoteReader, open_remote
+from kvfast.loader import stream
+from kvfast.loader.stream import RemoteReader, open_remote
 from kvfast.origin import Origin
 from tests.origin.helpers import FP, GatedSource, assert_loaded, cache_for, config, document
 

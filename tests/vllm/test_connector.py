@@ -9,7 +9,7 @@ One scenario runs every engine once (module fixture), the tests read its results
     C0  no connector               the same prompts: the token reference
     D   kv_consumer, fp8 KV cache  doc+q: vLLM's cache cannot take the stored KV, the connector must refuse it
     D0  no connector, fp8          doc+q: D's token reference
-    E   kv_consumer, store S       doc+q, doc+q' without vLLM's prefix cache: the first load from disk (read
+    E   kv_consumer, store S       doc+q1, doc+q2 without vLLM's prefix cache: the first load from disk (read
                                    through the store's RAM tier), the second from RAM; both in S's ledger
     F   kv_consumer, store S       doc+q with trusted_keys: A's unsigned document is refused, vLLM prefills
     G   kv_consumer, "fail" policy doc2+q (corrupted) three times, engine core in-process: failed loads fail their
@@ -138,18 +138,18 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict:
     _corrupt(doc2_entry)
     fp8 = {"model": str(model), "dtype": "float32", "max_tokens": TOKENS, "kv_cache_dtype": "fp8",
            "prompts": [doc + q]}
+    fp8_engines = {"D": {**fp8, "kv": _connector("kv_consumer", store)}, "D0": {**fp8, "kv": None}}
     engines |= _run_engines(work, {
         "B": {**stepwise, "kv": _connector("kv_both", store), "prompts": prompts},
         "C": {**stepwise, "kv": _connector("kv_producer", store_c), "prompts": prompts},
         "C0": {**stepwise, "kv": None, "prompts": prompts},
-        "D": {**fp8, "kv": _connector("kv_consumer", store)},
-        "D0": {**fp8, "kv": None},
+        **(fp8_engines if _cpu_runs_fp8_kv() else {}),
     })
     kvfast.keygen(work / "k.key")
-    other_q = [rng.randrange(3, VOCAB) for _ in range(QUESTION)]
-    engines |= _run_engines(work, {
+    q1, q2 = ([rng.randrange(3, VOCAB) for _ in range(QUESTION)] for _ in range(2))
+    engines |= _run_engines(work, {  # new questions: doc+q1 and doc+q2 both match A's doc (B stored doc+q)
         "E": {**stepwise, "kv": _connector("kv_consumer", store), "prefix_caching": False,
-              "prompts": [doc + q, doc + other_q]},
+              "prompts": [doc + q1, doc + q2]},
         "F": {**stepwise, "kv": _connector("kv_consumer", store, trusted_keys=[str(work / "k.key.pub")]),
               "prompts": [doc + q]},
         "G": {**stepwise, "kv": _connector("kv_consumer", store, "fail"), "prefix_caching": False, "inproc": True,
@@ -243,7 +243,19 @@ def test_other_models_artifacts_are_never_used(scenario: dict) -> None:
         assert got["tokens"] == _result(scenario, "C0", i)["tokens"]
 
 
+def _cpu_runs_fp8_kv() -> bool:
+    """vLLM's CPU backend keeps an fp8 KV cache only on x86 with AVX-512 or AMX (it refuses to start otherwise)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512f" in flags or " amx_bf16" in flags
+
+
 def test_unknown_kv_layout_is_refused_and_vllm_prefills(scenario: dict) -> None:
+    if "D" not in scenario["engines"]:
+        pytest.skip("this CPU has neither AVX-512 nor AMX, so vLLM cannot run an fp8 KV cache here (the refusal of "
+                    "unknown layouts is also covered by tests/test_vllm_layout.py)")
     d, d0 = _result(scenario, "D", 0), _result(scenario, "D0", 0)
     refusals = [line for line in scenario["engines"]["D"]["log"].splitlines() if "declines every load" in line]
     assert refusals and "quantized kv_cache_dtype" in refusals[0]  # the refusal says what it found
@@ -270,7 +282,6 @@ def test_a_request_that_ends_in_its_prefill_step_reports_its_publish(scenario: d
 def test_connector_loads_are_in_the_ledger_and_repeat_from_the_ram_tier(scenario: dict) -> None:
     e = [_result(scenario, "E", i) for i in range(2)]
     assert [_supplied(r) for r in e] == [1024, 1024]
-    assert e[0]["tokens"] == _result(scenario, "C0", 0)["tokens"]
     assert "1024 prompt tokens loaded (native/disk path" in scenario["engines"]["E"]["log"]
     assert "1024 prompt tokens loaded (native/ram path" in scenario["engines"]["E"]["log"]
     out = subprocess.run([sys.executable, "-m", "kvfast.cli", "store", "ledger", str(scenario["store"]), "--verify",

@@ -20,7 +20,7 @@ from kvfast.integrations.vllm.common import (
     engine_spec,
     model_fingerprint,
 )
-from kvfast.load.compat import check_file
+from kvfast.loader.compat import check_file
 from kvfast.store import Store, StoreEntry, StoreKey
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from kvfast.errors import KVLayoutError
 from kvfast.integrations.vllm import common
 from kvfast.integrations.vllm.common import DECLINE, KvfastConnectorMetadata, KvfastWorkerMetadata, LoadSpec, SaveSpec
 from kvfast.integrations.vllm.layout import KVWriter, discover_views, layer_index
-from kvfast.load import LoadHandle
+from kvfast.loader import LoadHandle
 from kvfast.store import Store, StoreKey
 
 if TYPE_CHECKING:

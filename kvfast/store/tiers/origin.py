@@ -9,7 +9,7 @@
 disk. Both objects are created with ``If-None-Match: *`` in one PUT each: two publishers racing leave one object,
 and both succeed. ``match`` reads the index entries of one model (a LIST, then a GET of each entry not seen yet:
 they are immutable) and never a document. A miss on the local tiers fetches the document into the disk tier
-(read-through) by ranged GETs, every chunk checked before it is written (kvfast.load.stream.fetch_to_file).
+(read-through) by ranged GETs, every chunk checked before it is written (kvfast.loader.stream.fetch_to_file).
 """
 from __future__ import annotations
 

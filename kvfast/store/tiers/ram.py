@@ -11,7 +11,7 @@ import torch
 from kvfast.cache.pages import KVPages
 from kvfast.cache.paged import KVSequence, PagedKVCache
 from kvfast.format import open_kvf
-from kvfast.load import load_into
+from kvfast.loader import load_into
 from kvfast.store.entry import StoreEntry, StoreKey
 
 

@@ -7,6 +7,7 @@ writes straight into the pages. Any device.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 
@@ -63,7 +64,13 @@ def _decode_into_pages(reader: KvfReader, pages: KVPages, chunk: ChunkInfo, slot
 
 
 class PythonJob:
-    """:func:`copy_chunks` behind a LoadHandle: inline when ``blocking``, else on one background thread."""
+    """:func:`copy_chunks` behind a LoadHandle: inline when ``blocking``, else on one background thread.
+
+    On CUDA pages the writes are only enqueued when a layer is marked ready, so each layer also gets a CUDA event,
+    recorded on the stream that wrote it: :meth:`stream_wait_layer` makes another stream wait on it, and the host
+    waits (:meth:`wait_layer`, :meth:`wait`) until it landed. In the background the load writes on a stream of its
+    own that first waits for the caller's current stream (work already queued on the blocks runs first).
+    """
 
     def __init__(self, reader: KvfReader, pages: KVPages, slots: torch.Tensor, n: int, verify: bool, *,
                  close_reader: bool, blocking: bool, threads: int = 1, decoder: str = "python"):
@@ -71,6 +78,13 @@ class PythonJob:
         self._finished = False
         self._error: BaseException | None = None
         self._cond = threading.Condition()
+        self._device = pages.device if pages.device.type == "cuda" else None
+        self._events: list[torch.cuda.Event | None] = [None] * pages.num_layers
+        self._stream: torch.cuda.Stream | None = None
+        if self._device is not None and not blocking:
+            self._stream = torch.cuda.Stream(self._device)
+            self._stream.wait_stream(torch.cuda.current_stream(self._device))
+            slots.record_stream(self._stream)  # made on the caller's stream, read on the load's
         args = (reader, pages, slots, n, verify, close_reader, threads, decoder)
         if blocking:
             self._run(*args)
@@ -80,7 +94,11 @@ class PythonJob:
     def _run(self, reader: KvfReader, pages: KVPages, slots: torch.Tensor, n: int, verify: bool, close_reader: bool,
              threads: int, decoder: str) -> None:
         try:
-            copy_chunks(reader, pages, slots, n, verify, on_layer=self._layer_done, threads=threads, decoder=decoder)
+            with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+                copy_chunks(reader, pages, slots, n, verify, on_layer=self._layer_done, threads=threads,
+                            decoder=decoder)
+                if self._device is not None:  # finished means landed: done() and wait() promise the bytes
+                    torch.cuda.current_stream(self._device).synchronize()
         except BaseException as exc:  # noqa: BLE001 - handed to wait()
             self._error = exc
         finally:
@@ -91,7 +109,12 @@ class PythonJob:
                 self._cond.notify_all()
 
     def _layer_done(self, layer: int) -> None:
+        event = None
+        if self._device is not None:  # on the stream that enqueued the layer's writes
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self._device))
         with self._cond:
+            self._events[layer] = event
             self._ready[layer] = True
             self._cond.notify_all()
 
@@ -108,8 +131,23 @@ class PythonJob:
             return self._ready[layer]
 
     def wait_layer(self, layer: int, timeout: float | None) -> bool:
+        ok, event = self._layer_event(layer, timeout)
+        if event is not None:
+            event.synchronize()
+        return ok
+
+    def stream_wait_layer(self, layer: int, stream: torch.cuda.Stream) -> bool:
+        _, event = self._layer_event(layer, None)
+        if event is None or self.failed():
+            return False
+        stream.wait_event(event)
+        return True
+
+    def _layer_event(self, layer: int, timeout: float | None) -> tuple[bool, torch.cuda.Event | None]:
+        """Waits until the layer is enqueued or the job ended: (whether that happened, the layer's CUDA event)."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._ready[layer] or self._finished, timeout)
+            ok = self._cond.wait_for(lambda: self._ready[layer] or self._finished, timeout)
+            return ok, self._events[layer]
 
     def wait(self, timeout: float | None) -> bool:
         with self._cond:

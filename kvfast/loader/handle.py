@@ -9,11 +9,10 @@ from typing import Any, Protocol
 import torch
 
 from kvfast.cache.paged import KVSequence
-from kvfast.load.native import GpuJob
 
 
 class CopyJob(Protocol):
-    """What runs a load: :class:`kvfast.load.native.NativeJob`, ``GpuJob`` or :class:`kvfast.load.reference.PythonJob`."""
+    """What runs a load: :class:`kvfast.loader.native.NativeJob`, ``GpuJob`` or :class:`kvfast.loader.reference.PythonJob`."""
 
     def finished(self) -> bool: ...
     def failed(self) -> bool: ...
@@ -21,6 +20,7 @@ class CopyJob(Protocol):
     def wait_layer(self, layer: int, timeout: float | None) -> bool: ...
     def wait(self, timeout: float | None) -> bool: ...
     def exception(self) -> BaseException | None: ...
+    def stream_wait_layer(self, layer: int, stream: Any) -> bool: ...  # CUDA pages only
 
 
 class CompletedJob:
@@ -86,7 +86,10 @@ class LoadHandle:
         self._check_layer(layer)
         if self._job.failed():
             self.wait()
-        return self._job.layer_ready(layer)
+        ready = self._job.layer_ready(layer)
+        if not ready and self._job.failed():  # the query itself failed (CUDA): raise it now
+            self.wait()
+        return ready
 
     def wait_layer(self, layer: int, timeout: float | None = None) -> None:
         """Block until layer ``layer`` is ready; raises the load's error if it failed, ``TimeoutError`` after
@@ -101,11 +104,12 @@ class LoadHandle:
         """Make ``stream`` (default: the current CUDA stream of the pages' device) wait until layer ``layer`` is
         in the pages, without blocking the host on the copy, so that layer's attention can be enqueued at once.
 
-        The host waits only until the layer's chunks are read, checked and enqueued. For host pages and the
-        Python path this is :meth:`wait_layer`. Raises the load's error if it failed.
+        The host waits only until the layer's chunks are read, checked and enqueued (for the reference path on CUDA
+        pages: written by the load's stream), then ``stream`` waits on the layer's CUDA event. For host pages this
+        is :meth:`wait_layer`. Raises the load's error if it failed.
         """
         self._check_layer(layer)
-        if isinstance(self._job, GpuJob):
+        if self._device.type == "cuda":
             stream = torch.cuda.current_stream(self._device) if stream is None else stream
             ok = self._job.stream_wait_layer(layer, stream)
         else:

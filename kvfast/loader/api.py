@@ -1,6 +1,6 @@
 """``load_into`` fills pages the caller owns; ``load`` and ``load_async`` allocate a sequence, then ``load_into``.
 
-Every check that can refuse a file (kvfast.load.compat, the block ids, a signature) runs before the first byte is
+Every check that can refuse a file (kvfast.loader.compat, the block ids, a signature) runs before the first byte is
 written, and a failure while copying gives back what the load allocated. The path is chosen in one place
 (:func:`_choose`): the native job for host or CUDA pages when the extension is built and each row of ``D`` elements
 is contiguous, else the reference; coded files (``codec`` other than ``"raw"``, docs/FORMAT.md §7.1) take the
@@ -19,13 +19,13 @@ from kvfast._backend import native, native_cuda
 from kvfast._fs import DEFAULT_THREADS
 from kvfast.cache.pages import KVPages
 from kvfast.cache.paged import KVSequence, PagedKVCache
-from kvfast.errors import CacheFullError
+from kvfast.errors import CacheFullError, InvalidArgumentError
 from kvfast.format import KvfReader, open_kvf
-from kvfast.load.compat import check_file
-from kvfast.load.handle import LoadHandle
-from kvfast.load.native import GpuJob, NativeJob
-from kvfast.load.reference import PythonJob
-from kvfast.load.stream import DEFAULT_STREAM_THREADS, RemoteReader, StreamJob, open_remote
+from kvfast.loader.compat import check_file
+from kvfast.loader.handle import LoadHandle
+from kvfast.loader.native import GpuJob, NativeJob
+from kvfast.loader.reference import PythonJob
+from kvfast.loader.stream import DEFAULT_STREAM_THREADS, RemoteReader, StreamJob, open_remote
 from kvfast.origin import is_remote
 from kvfast.trust.signing import PublicKeyLike, verify_signature
 
@@ -50,7 +50,7 @@ def load(path: Source, cache: PagedKVCache, *, model: Any | None = None, fingerp
     Args:
         path: the .kvf file (or an open :class:`KvfReader`), or a document at an origin: ``s3://bucket/key`` (the
             AWS environment variables give endpoint and credentials) or a presigned ``https://`` URL
-            (:func:`kvfast.store.grant`), streamed by ranged GETs through a bounded ring (:mod:`kvfast.load.stream`).
+            (:func:`kvfast.store.grant`), streamed by ranged GETs through a bounded ring (:mod:`kvfast.loader.stream`).
         cache: the paged cache to fill; its layers, KV heads, head_dim and dtype must match the file.
         model: the model that will continue from this KV; its fingerprint must equal the file's.
         fingerprint: instead of ``model``, the expected fingerprint (one of the two is required).
@@ -187,10 +187,12 @@ def _open_checked(source: Source, pages: KVPages, model: Any | None, fingerprint
     """The reader (and whether this load owns it) and the number of tokens to load, after every check."""
     if model is None and fingerprint is None:
         where = source.path if isinstance(source, KvfReader) else os.fspath(source)
-        raise TypeError(f"kvfast.load({where}) needs model= or fingerprint= to check the file was made by that model")
+        raise InvalidArgumentError("kvfast.load needs model= or fingerprint= to check the file was made by that model",
+                                   path=where)
     if trusted_keys is not None and is_remote(source):
-        raise ValueError(f"trusted_keys with a remote document ({str(source).split('?')[0]}): load it through a "
-                         "kvfast.Store(root, origin=..., trusted_keys=...), which verifies the fetched copy")
+        raise InvalidArgumentError("trusted_keys with a remote document: load it through a kvfast.Store(root, "
+                                   "origin=..., trusted_keys=...), which verifies the fetched copy",
+                                   path=str(source).split("?")[0])
     reader = source if isinstance(source, KvfReader) else open_remote(source) if is_remote(source) else \
         open_kvf(source)
     owned = reader is not source

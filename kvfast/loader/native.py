@@ -73,6 +73,8 @@ class NativeJob:
         if error is None:
             return None
         kind, pos, errno, offset, detail = error
+        if pos < 0:  # a CUDA failure after every chunk was handed over (a wait or a query): no chunk to name
+            return DeviceError(detail, path=self._path)
         c: ChunkInfo = self._plan[pos]
         where = f"chunk {c.index} (layer {c.layer}, tokens {c.start}:{c.stop})"
         if kind == "cancelled":
@@ -96,15 +98,23 @@ class GpuJob(NativeJob):
     @staticmethod
     def _make(fd: int, chunks: np.ndarray, pages: KVPages, table: np.ndarray, n: int, verify: bool, threads: int,
               method: str) -> Any:
+        geometry, item = GpuJob.geometry(pages)
+        # The load's writes start after the work the caller queued on these blocks (zeroing, copy on write).
+        return native_cuda.GpuLoadJob(
+            fd, chunks, [t.data_ptr() for t in pages.keys], [t.data_ptr() for t in pages.values], geometry, item,
+            table, n, pages.device.index, stream=torch.cuda.current_stream(pages.device).cuda_stream, method=method,
+            threads=threads, verify=verify, piece_bytes=PIECE_BYTES, ring_slots=GPU_RING_SLOTS)
+
+    @staticmethod
+    def geometry(pages: KVPages) -> tuple[tuple[int, ...], int]:
+        """``(layout, itemsize)`` of the pages as ``GpuLoadJob`` takes them: ``(num_blocks, block_size, num_heads,
+        head_bytes, block_stride, token_stride, head_stride)``, strides in bytes."""
         k0 = pages.token_major(pages.keys[0])
         item = k0.element_size()
         geometry = (*k0.shape[:3], k0.shape[3] * item, *(stride * item for stride in k0.stride()[:3]))
         if any(pages.token_major(t).stride() != k0.stride() for t in (*pages.keys, *pages.values)):
             raise ValueError("the native GPU loader needs every layer's K and V pages with one geometry")
-        return native_cuda.GpuLoadJob(
-            fd, chunks, [t.data_ptr() for t in pages.keys], [t.data_ptr() for t in pages.values], geometry, item,
-            table, n, pages.device.index, method=method, threads=threads, verify=verify, piece_bytes=PIECE_BYTES,
-            ring_slots=GPU_RING_SLOTS)
+        return geometry, item
 
     def stream_wait_layer(self, layer: int, stream: Any) -> bool:
         return self._job.stream_wait_layer(layer, stream.cuda_stream)

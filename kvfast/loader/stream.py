@@ -26,7 +26,7 @@ from kvfast.cache.pages import KVPages
 from kvfast.errors import ChecksumError, ManifestError
 from kvfast.format import ChunkInfo, KvfReader
 from kvfast.format.spec import MAX_MANIFEST_BYTES, PREAMBLE
-from kvfast.load.reference import PythonJob
+from kvfast.loader.reference import PythonJob
 from kvfast.origin import OriginConfig, RangeSource, open_source
 
 PIECE_BYTES = 8 << 20  # one ranged GET: large enough that request overhead is small, small enough to pipeline
@@ -85,7 +85,7 @@ class RemoteReader(KvfReader):
         return out
 
     def fileno(self) -> int:
-        raise OSError(f"{self.path} is at an origin, not in a local file; it streams through kvfast.load.stream")
+        raise OSError(f"{self.path} is at an origin, not in a local file; it streams through kvfast.loader.stream")
 
 
 def open_remote(url: str, config: OriginConfig | None = None) -> RemoteReader:

@@ -7,7 +7,13 @@ from typing import Any
 
 import torch
 
-from kvfast.errors import DtypeMismatchError, ModelMismatchError, ShapeMismatchError, TokenMismatchError
+from kvfast.errors import (
+    DtypeMismatchError,
+    InvalidArgumentError,
+    ModelMismatchError,
+    ShapeMismatchError,
+    TokenMismatchError,
+)
 from kvfast.format import DTYPE_NAMES, KvfReader
 from kvfast.identity import fingerprint as model_fingerprint
 from kvfast.identity import model_config
@@ -43,13 +49,14 @@ def check_file(reader: KvfReader, pages_shape: tuple[int, int, int], pages_dtype
         How many tokens to load (``num_tokens``, default the whole file).
 
     Raises:
-        TypeError: neither ``model`` nor ``fingerprint`` given.
+        InvalidArgumentError: neither ``model`` nor ``fingerprint`` given, or ``num_tokens`` outside
+            ``[1, tokens in the file]``.
         DtypeMismatchError, ShapeMismatchError, ModelMismatchError, TokenMismatchError: naming the file.
-        ValueError: ``num_tokens`` outside ``[1, tokens in the file]``.
     """
     m, where = reader.manifest, reader.path
     if model is None and fingerprint is None:
-        raise TypeError(f"loading {where} needs model= or fingerprint= to check the file was made by that model")
+        raise InvalidArgumentError("loading needs model= or fingerprint= to check the file was made by that model",
+                                   path=where)
     check_fits((m.num_layers, m.num_kv_heads, m.head_dim), m.dtype, pages_shape, pages_dtype, model=model,
                path=where)
     expected = fingerprint if fingerprint is not None else model_fingerprint(model)
@@ -57,7 +64,8 @@ def check_file(reader: KvfReader, pages_shape: tuple[int, int, int], pages_dtype
         raise ModelMismatchError(_mismatch_message(m.fingerprint, expected, m.config, model), path=where)
     n = m.num_tokens if num_tokens is None else num_tokens
     if not 1 <= n <= m.num_tokens:
-        raise ValueError(f"{where}: num_tokens must be in [1, {m.num_tokens}] (the tokens in the file), got {n}")
+        raise InvalidArgumentError(f"num_tokens={n} is not a prefix of the file's {m.num_tokens} tokens; use "
+                                   f"1..{m.num_tokens}", path=where)
     if token_ids is not None:
         want = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1)
         if want.numel() != n:
