@@ -262,6 +262,7 @@ def _machine(device: torch.device) -> tuple[str, str]:
     return f"{cpu} ({os.cpu_count()} cores{mem})", f"{platform.system()} {platform.release()} {platform.machine()}"
 
 
+# Long on purpose: one run reads top to bottom, each measurement beside the baseline it is a ratio of.
 def run(model: Any, lengths: Sequence[int] = DEFAULT_LENGTHS, *, label: str = "",
         question_tokens: int = DEFAULT_QUESTION_TOKENS, repeats: int = 3, prefill_repeats: int = 2,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cold: bool = True, seed: int = 0,

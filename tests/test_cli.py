@@ -98,10 +98,9 @@ def test_help_and_version_answer_without_importing_torch():
 
 
 def test_cli_defaults_agree_with_the_library():
-    from kvfast import cli
-    from kvfast.hf import DEFAULT_PREFILL_CHUNK
-
+    from kvfast.cli import common as cli
     from kvfast.format import DTYPES
+    from kvfast.hf import DEFAULT_PREFILL_CHUNK
 
     assert cli.DEFAULT_PREFILL_CHUNK == DEFAULT_PREFILL_CHUNK
 

@@ -147,5 +147,5 @@ def test_gpu_job_without_a_device_names_the_cuda_call(tmp_path):
 
 def test_cpu_methods_are_refused_for_the_other_device(tmp_path):
     path, *_ = save_random(tmp_path / "doc.kvf")
-    with pytest.raises(ValueError, match="is not for a cache on cpu"):
+    with pytest.raises(ValueError, match="is not for pages on cpu"):
         kvfast.load(path, make_cache(N), fingerprint=FP, method="dma")
