@@ -194,7 +194,7 @@ class StreamJob(PythonJob):
                 blocks = src[: full * bs].reshape(full, bs, *src.shape[1:])  # [full, bs, H, D]
                 blocks = blocks if pages.layout == "NHD" else blocks.transpose(1, 2)  # HND: [full, H, bs, D]
                 for a, b in _runs(ids):  # consecutive block ids: one plain copy each (an engine's are mostly so)
-                    dst[ids[a] : ids[a] + b - a].copy_(blocks[a:b], non_blocking=True)
+                    _copy(dst[ids[a] : ids[a] + b - a], blocks[a:b])
         if full * bs < t:
             rest = slice(full * bs, t)
             pages.write(layer, slots[start + full * bs : start + t], k[rest].to(pages.device),
@@ -224,6 +224,16 @@ class StreamJob(PythonJob):
             with self._cond:
                 self._finished = True
                 self._cond.notify_all()
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst[...] = src``. Into host memory as one single-threaded copy (numpy's, without the GIL): torch's copy
+    spreads a large one over its intra-op threads, which spin against the GET threads (and on a small machine the
+    origin itself) at every chunk; bench/RESULTS.md has the measurement. Into a device: torch's asynchronous copy."""
+    if dst.device.type != "cpu":
+        dst.copy_(src, non_blocking=True)
+        return
+    np.copyto(dst.view(torch.uint8).numpy(), src.view(torch.uint8).numpy())
 
 
 def _runs(ids: np.ndarray) -> list[tuple[int, int]]:
