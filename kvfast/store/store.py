@@ -43,6 +43,7 @@ from kvfast.identity import fingerprint as model_fingerprint
 from kvfast.loader import LoadHandle, load, load_into
 from kvfast.loader.compat import check_fits
 from kvfast.loader.handle import CompletedJob
+from kvfast.loader.stream import RemoteReader
 from kvfast.store import gc as gc_
 from kvfast.store import readthrough
 from kvfast.store.entry import StoreEntry, StoreKey, StoreMatch, StoreStats
@@ -288,6 +289,19 @@ class Store:
         if not self._trusts(entry):
             raise SignatureError(f"entry is {entry.provenance}, not signed by a trusted key; put it again with its "
                                  "signature", path=entry.path)
+
+    def open_entry(self, entry: StoreEntry) -> KvfReader:
+        """A validated reader of a stored document (manifest, token ids, chunks): its file on this node or, for an
+        entry matched only at the origin, the object there, read by ranged GETs. Nothing is fetched into a local
+        tier: an engine checks a match's header before it plans, and fetches when it loads.
+
+        Raises:
+            FormatError (and subclasses), OSError: the document is unreadable or not a valid .kvf file.
+            OriginError: the origin is unreachable or refuses.
+        """
+        if self.origin is None or entry.path.exists():
+            return open_kvf(entry.path)
+        return RemoteReader(self.origin.origin.source(self.origin.names(entry.key)[0]))
 
     def _existing(self, key: StoreKey) -> StoreEntry | None:
         with self._mutex:
