@@ -136,3 +136,10 @@ def file_access_error(exc: OSError, path: str | os.PathLike, doing: str) -> File
             errnos.ENOSPC: "no space left on the device",
             errnos.ELOOP: "is a symbolic link, which kvfast does not follow here"}.get(exc.errno, exc.strerror or str(exc))
     return FileAccessError(f"{doing}: {what}", path=path, errno=exc.errno)
+
+
+# -- the origin (an S3-compatible object store) ------------------------------------------------------------
+class OriginError(KvfastError, OSError):
+    """The origin (an S3-compatible object store, or a presigned URL) could not serve a request: unreachable,
+    timed out, refused (credentials, permissions, an expired or altered presigned URL), or it holds an object that
+    disagrees with its index entry. The message names the URL; nothing was written to a local tier."""

@@ -238,3 +238,8 @@ def add_store_parser(sub: Any) -> None:
                                                           "ledger, or of the one --tenant selects)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_store_ledger)
+
+    # store push|pull|grant and ls --origin: the S3-compatible origin (kvfast/cli/origin.py)
+    from kvfast.cli.origin import add_origin_parsers
+
+    add_origin_parsers(ssub)

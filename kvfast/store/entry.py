@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 from kvfast.errors import InvalidArgumentError
 
-TIERS = ("device", "ram", "disk")
+TIERS = ("device", "ram", "disk")  # and "origin" in the counters of a store that has one
 KEY_RE = re.compile(r"[0-9a-f]{64}")  # a document key or block hash: SHA-256, lowercase hex
 TENANT_ID_RE = re.compile(r"[0-9a-f]{32}")  # Store.tenant_id: the first 16 bytes of an HMAC-SHA-256, hex
 FINGERPRINT_RE = re.compile(r"sha256:[0-9a-f]{64}")  # kvfast.fingerprint(model)
@@ -133,7 +133,7 @@ class StoreStats:
             misses: those that reused none.
         hits: loads served per tier the prefix came from.
         bytes_read: per tier, KV bytes served: "device" is shared without a copy, "ram" copied from host
-            RAM, "disk" read from .kvf files.
+            RAM, "disk" read from .kvf files; with an origin, also "origin": fetched into the disk tier first.
         tokens_reused: prompt tokens attached instead of prefilled.
         prefill_flops_saved: ``2 * num_parameters * tokens_reused`` over attaches given a model (the usual
             forward-pass estimate: 2 FLOPs per parameter per token; attention-score FLOPs left out).
