@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-from pathlib import Path
 
 import pytest
 import torch
