@@ -90,7 +90,7 @@ class OriginTier:
                 listed[stem] = name
         for doc in set(idx.entries) - set(listed):
             self.local._unindex(idx, doc)  # removed at the origin
-        for doc in set(listed) - set(idx.entries) - set(idx.invalid):
+        for doc in set(listed) - set(idx.entries) - set(idx.sidecars):
             raw = self.origin.get(listed[doc])
             if raw is None:
                 continue
@@ -98,7 +98,7 @@ class OriginTier:
                 warnings.simplefilter("ignore")  # reported below with the origin's URL, not a local path
                 entry = self.local.read_sidecar(self.local.folder(fp), doc, raw)
             if entry is None:
-                idx.invalid[doc] = (0, 0)
+                idx.sidecars[doc] = (0, 0, 0)  # objects are immutable: an invalid one is reported once
                 warnings.warn(f"kvfast store: {self.origin.url_of(listed[doc])}: index entry is invalid; skipped",
                               RuntimeWarning, stacklevel=3)
                 continue
