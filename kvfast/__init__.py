@@ -17,7 +17,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     **{name: ("kvfast.errors", name) for name in (
         "CacheFullError", "ChecksumError", "CodecError", "DtypeMismatchError", "FileAccessError", "FormatError",
         "InvalidArgumentError", "KvfastError", "LayoutError", "LedgerError", "ManifestError", "ModelMismatchError",
-        "NotKvfError", "PagesError", "ShapeMismatchError", "SignatureError", "TokenMismatchError",
+        "NotKvfError", "OriginError", "PagesError", "ShapeMismatchError", "SignatureError", "TokenMismatchError",
         "TruncatedFileError", "UnsupportedCodecError", "UnsupportedVersionError")},
     **{name: ("kvfast.identity", name) for name in (
         "block_hashes", "checkpoint_fingerprint", "document_key", "fingerprint")},
@@ -29,6 +29,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     **{name: ("kvfast.loader", name) for name in ("LoadHandle", "load", "load_async", "load_into")},
     **{name: ("kvfast.hf", name) for name in (
         "GenerationOutput", "PagedCache", "VerifyReport", "capture_kv", "extend", "generate", "publish", "verify")},
+    **{name: ("kvfast.origin", name) for name in ("Origin", "OriginConfig")},
     **{name: ("kvfast.store", name) for name in ("Store", "StoreEntry", "StoreKey", "StoreMatch", "StoreStats")},
     "AuditReport": ("kvfast.trust.audit", "AuditReport"),
     "audit": ("kvfast.trust.audit", "audit"),
@@ -40,7 +41,7 @@ __all__ = [  # every public name (a literal, for type checkers and IDEs)
     "AuditReport", "CacheFullError", "ChecksumError", "CodecError", "DtypeMismatchError", "FileAccessError",
     "FormatError", "GenerationOutput", "InvalidArgumentError", "KVPages", "KVSequence", "KvfReader", "KvfastError",
     "LayoutError", "Ledger", "LedgerError", "LoadHandle", "Manifest", "ManifestError", "ModelMismatchError",
-    "NotKvfError", "PagedCache", "PagedKVCache", "PagesError", "ShapeMismatchError", "SignatureError", "Store",
+    "NotKvfError", "Origin", "OriginConfig", "OriginError", "PagedCache", "PagedKVCache", "PagesError", "ShapeMismatchError", "SignatureError", "Store",
     "StoreEntry", "StoreKey", "StoreMatch", "StoreStats", "TokenMismatchError", "TruncatedFileError",
     "UnsupportedCodecError", "UnsupportedVersionError", "VerifyReport", "audit", "backend", "block_hashes",
     "capture_kv", "checkpoint_fingerprint", "document_key", "extend", "fingerprint", "generate", "keygen", "load",
@@ -68,7 +69,8 @@ if TYPE_CHECKING:  # type checkers and IDEs see the eager imports
     from kvfast.cache import KVPages, KVSequence, PagedKVCache
     from kvfast.errors import (CacheFullError, ChecksumError, CodecError, DtypeMismatchError, FileAccessError,
                                FormatError, InvalidArgumentError, KvfastError, LayoutError, LedgerError,
-                               ManifestError, ModelMismatchError, NotKvfError, PagesError, ShapeMismatchError,
+                               ManifestError, ModelMismatchError, NotKvfError, OriginError, PagesError,
+                               ShapeMismatchError,
                                SignatureError, TokenMismatchError, TruncatedFileError, UnsupportedCodecError,
                                UnsupportedVersionError)
     from kvfast.format import KvfReader, Manifest, save_kv
@@ -77,6 +79,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the eager imports
                            verify)
     from kvfast.identity import block_hashes, checkpoint_fingerprint, document_key, fingerprint
     from kvfast.loader import LoadHandle, load, load_async, load_into
+    from kvfast.origin import Origin, OriginConfig
     from kvfast.store import Store, StoreEntry, StoreKey, StoreMatch, StoreStats
     from kvfast.trust.audit import AuditReport, audit
     from kvfast.trust.ledger import Ledger

@@ -36,6 +36,9 @@ from typing import Any
 DEFAULT_PREFILL_CHUNK = 512  # = kvfast.hf.DEFAULT_PREFILL_CHUNK (not imported: this module stays torch-free)
 DEFAULT_QUESTION_TOKENS = 16
 DEFAULT_GPU_DOLLARS_PER_HOUR = 2.00  # an assumption: a rented H100-class GPU; pass your own price
+# A node's read-through from an S3-compatible origin: one 10 Gbit/s NIC's worth; real S3 reaches it only with many
+# parallel ranged GETs (bench/RESULTS.md "Origin" measures loopback, which is not a datacenter network).
+DEFAULT_ORIGIN_BYTES_PER_S = 1.25e9
 DEFAULT_EGRESS_DOLLARS_PER_GB = 0.09  # internet egress, first tier of the large clouds (and the paper's rate)
 DEFAULT_CACHE_READ_FRACTION = 0.1  # providers' cache-read price as a fraction of the input-token price
 
@@ -358,6 +361,10 @@ class CostReport:
     tariff_headroom_resident: float | None  # KV resident in accelerator memory
     batch: int = 1
     notes: list[str] = field(default_factory=list)
+    # a node's first load of the document, read through from the origin (once per node, not per agent)
+    origin_bytes_per_s: float = DEFAULT_ORIGIN_BYTES_PER_S
+    origin_fetch_s: float = 0.0  # KV bytes / origin bandwidth
+    origin_fetch_vs_prefill: float = 0.0  # that fetch / one prefill of the document with the question
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe dict (``inf`` becomes ``null``)."""
@@ -368,7 +375,8 @@ def estimate(shape: ModelShape, tokens: int, *, agents: float = 1.0, hardware: H
              dtype_bytes: int = 2, question_tokens: int = DEFAULT_QUESTION_TOKENS,
              chunk: int = DEFAULT_PREFILL_CHUNK, egress_dollars_per_gb: float = DEFAULT_EGRESS_DOLLARS_PER_GB,
              cache_read_fraction: float = DEFAULT_CACHE_READ_FRACTION, batch: int = 1,
-             measured: MeasuredTimes | None = None) -> CostReport:
+             measured: MeasuredTimes | None = None,
+             origin_bytes_per_s: float = DEFAULT_ORIGIN_BYTES_PER_S) -> CostReport:
     """Prefill vs reuse for one document read by ``agents`` agents, each asking a ``question_tokens`` question.
 
     Per agent, without reuse: prefill document + question (:func:`prefill_seconds`). With reuse: load the KV
@@ -426,6 +434,8 @@ def estimate(shape: ModelShape, tokens: int, *, agents: float = 1.0, hardware: H
         tariff_headroom_resident=(tariff_headroom(prefill_d, resident_d, cache_read_fraction)
                                   if resident_d is not None else None),
         batch=batch, notes=notes,
+        origin_bytes_per_s=origin_bytes_per_s, origin_fetch_s=kvb / origin_bytes_per_s,
+        origin_fetch_vs_prefill=kvb / origin_bytes_per_s / prefill_s,
     )
 
 

@@ -17,11 +17,13 @@ class KvfastError(Exception):
     Attributes:
         path: the file at fault, or None.
         chunk: the index of the chunk at fault (docs/FORMAT.md §5), or None.
+        detail: the message without the path (for an error that wraps this one and names the path itself).
     """
 
     def __init__(self, message: str, *, path: str | os.PathLike | None = None, chunk: int | None = None):
         self.path = os.fspath(path) if path is not None else None
         self.chunk = chunk
+        self.detail = message
         super().__init__(f"{self.path}: {message}" if self.path else message)
 
 
@@ -131,5 +133,13 @@ def file_access_error(exc: OSError, path: str | os.PathLike, doing: str) -> File
     what = {errnos.ENOENT: "no such file or folder", errnos.EISDIR: "is a folder, expected a file",
             errnos.ENOTDIR: "a parent of this path is a file, not a folder",
             errnos.EACCES: "permission denied", errnos.EPERM: "permission denied",
-            errnos.ENOSPC: "no space left on the device"}.get(exc.errno, exc.strerror or str(exc))
+            errnos.ENOSPC: "no space left on the device",
+            errnos.ELOOP: "is a symbolic link, which kvfast does not follow here"}.get(exc.errno, exc.strerror or str(exc))
     return FileAccessError(f"{doing}: {what}", path=path, errno=exc.errno)
+
+
+# -- the origin (an S3-compatible object store) ------------------------------------------------------------
+class OriginError(KvfastError, OSError):
+    """The origin (an S3-compatible object store, or a presigned URL) could not serve a request: unreachable,
+    timed out, refused (credentials, permissions, an expired or altered presigned URL), or it holds an object that
+    disagrees with its index entry. The message names the URL; nothing was written to a local tier."""

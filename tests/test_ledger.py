@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-from pathlib import Path
 
 import pytest
 import torch
@@ -140,10 +139,10 @@ def test_expect_head_detects_rewritten_history(ledger, tmp_path):
     assert not ledger.verify(expect_head=head).ok  # ...but the head the publisher kept is gone
 
 
-def test_append_refuses_a_torn_last_record(ledger):
-    with ledger.path.open("ab") as f:
-        f.write(b'{"seq": 6')
-    with pytest.raises(LedgerError, match="incomplete"):
+def test_append_refuses_to_bury_a_cut_record(ledger):
+    """A torn line whose head was written was complete once: cutting it is tampering, never repaired."""
+    ledger.path.write_bytes(ledger.path.read_bytes()[:-30])
+    with pytest.raises(LedgerError, match="the head says 6 records, the complete ones are 5"):
         append(ledger, 6)
 
 
@@ -185,8 +184,8 @@ def test_a_load_that_cannot_be_recorded_is_not_served(tmp_path):
     seq, _ = store.attach(FP, doc + [1], c)
     c.free(seq)
     with store.ledger.path.open("ab") as f:
-        f.write(b'{"seq": 1')  # a torn record: the chain cannot be extended
+        f.write(b'not a record\n')  # the chain cannot be extended
     free = c.num_free_blocks
-    with pytest.raises(LedgerError, match="incomplete"):
+    with pytest.raises(LedgerError, match="not JSON"):
         store.attach(FP, doc + [1], c)
     assert c.num_free_blocks == free  # the agent's fork was freed; only the store's resident root remains

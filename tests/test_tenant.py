@@ -81,9 +81,10 @@ def test_paired_conformance_across_processes(tmp_path):
     shared = run_tenant(root, None, [["attach", 0], ["list", 0]])
     assert shared["results"] == [0, []]  # the unsalted namespace sees no tenant's entries
 
-    ledger = kvfast.Ledger(root).verify()  # one chain for the root, each record names its tenant
+    ledger = kvfast.Ledger(root / ".tenants" / a1["tenant_id"]).verify()  # each tenant's own chain
     assert ledger.ok and set(ledger.totals) == {a1["tenant_id"]}
     assert ledger.totals[a1["tenant_id"]]["loads"] == 3
+    assert kvfast.Ledger(root).verify().records == 0  # the shared namespace served nothing
 
 
 def kv(seed: int):

@@ -137,6 +137,8 @@ def _cost_rows(r: Any) -> list[tuple[str, Any]]:
         ("per agent: reuse, KV resident", f"{ms(r.reuse_resident_s)}  {_dollars(r.reuse_resident_dollars)}"
                                           + (f"  ({r.prefill_s / r.reuse_resident_s:.3g}x cheaper)"
                                              if r.reuse_resident_s else "")),
+        ("per node: first fetch from origin", f"{ms(r.origin_fetch_s)} at {r.origin_bytes_per_s / 1e9:g} GB/s "
+                                              f"= {r.origin_fetch_vs_prefill:.3g}x a prefill (once per node)"),
         ("per agent: egress of the KV", f"{_dollars(r.egress_dollars)} at ${r.egress_dollars_per_gb:g}/GB "
                                         f"= {r.egress_vs_prefill:.3g}x the prefill it saves"),
         ("break-even, hosted (loads)", _times(r.break_even_reuses)),
@@ -173,7 +175,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
     report = cost.estimate(shape, args.tokens, agents=args.agents, hardware=hw, dtype_bytes=DTYPE_BYTES[args.dtype],
                            question_tokens=args.question_tokens, chunk=args.prefill_chunk,
                            egress_dollars_per_gb=args.egress_dollars_per_gb,
-                           cache_read_fraction=args.cache_read_fraction, batch=args.batch, measured=measured)
+                           cache_read_fraction=args.cache_read_fraction, batch=args.batch, measured=measured,
+                           origin_bytes_per_s=args.origin_gb_per_s * 1e9)
     if args.json:
         print(json.dumps(report.to_json()))
         return EXIT_OK
@@ -184,7 +187,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 def add_cost_parser(sub: Any) -> None:
     """``kvfast cost --model M --tokens N --agents A``: prefill vs reuse in FLOPs, bytes and dollars (kvfast.cost)."""
-    from kvfast.cost import DEFAULT_CACHE_READ_FRACTION, DEFAULT_EGRESS_DOLLARS_PER_GB, HARDWARE  # torch-free
+    from kvfast.cost import (DEFAULT_CACHE_READ_FRACTION, DEFAULT_EGRESS_DOLLARS_PER_GB,  # torch-free
+                             DEFAULT_ORIGIN_BYTES_PER_S, HARDWARE)
 
     sp = sub.add_parser("cost", help="model prefill vs reuse: FLOPs, KV bytes, dollars, break-even",
                         description="From first principles (a roofline over the model's matmul FLOPs and bytes) "
@@ -210,5 +214,8 @@ def add_cost_parser(sub: Any) -> None:
                     help=f"tokens per prefill forward (default {DEFAULT_PREFILL_CHUNK})")
     sp.add_argument("--measured", metavar="BENCH_JSON",
                     help="use the seconds of a kvfast bench --json result (of the same --model)")
+    sp.add_argument("--origin-gb-per-s", type=float, default=DEFAULT_ORIGIN_BYTES_PER_S / 1e9,
+                    help="a node's bandwidth from the S3-compatible origin, GB/s (default "
+                         f"{DEFAULT_ORIGIN_BYTES_PER_S / 1e9:g}): the per-node read-through row")
     sp.add_argument("--json", action="store_true", help="print one JSON object")
     sp.set_defaults(func=cmd_cost)

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import kvfast
+from kvfast._fs import is_real_dir
 from kvfast.cli.common import EXIT_FAILED_CHECK, EXIT_OK, fail, format_rows
+from kvfast.errors import InvalidArgumentError, LedgerError
 
 
 # -- kvfast store: the provider-side store ---------------------------------------------------------------
@@ -109,14 +112,53 @@ def cmd_store_gc(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _ledgers(root: Path, tenant: str | None) -> dict[str, kvfast.Ledger]:
+    """The store's ledgers by tenant id ("" for the shared one): each tenant's lives in its own folder."""
+    from kvfast.store.entry import TENANT_ID_RE, check_tenant_id  # imports torch: not while parsers are built
+
+    if tenant is not None:
+        try:
+            return {tenant: kvfast.Ledger(root / ".tenants" / check_tenant_id(tenant))}
+        except InvalidArgumentError as exc:
+            fail(f"--tenant: {exc}")
+    out = {"": kvfast.Ledger(root)}
+    tenants = root / ".tenants"
+    if is_real_dir(tenants):
+        with os.scandir(tenants) as it:
+            out |= {d.name: kvfast.Ledger(d.path) for d in sorted(it, key=lambda d: d.name)
+                    if d.is_dir(follow_symlinks=False) and TENANT_ID_RE.fullmatch(d.name)}
+    return out
+
+
 def cmd_store_ledger(args: argparse.Namespace) -> int:
     if not Path(args.root).is_dir():
         fail(f"{args.root}: no such store folder")
-    report = kvfast.Ledger(args.root).verify(expect_head=args.expect_head)
+    ledgers, failed, out = _ledgers(Path(args.root), args.tenant), False, {}
+    for tenant, ledger in ledgers.items():
+        if args.repair:
+            try:
+                repaired = ledger.repair()
+            except LedgerError as exc:
+                print(f"not repaired: {exc}")
+                failed = True
+                continue
+            if repaired is not None:
+                print(f"{ledger.path}: removed {len(repaired['removed'])} bytes of a torn last record at offset "
+                      f"{repaired['offset']} ({repaired['removed'][:60]!r}); recorded as record "
+                      f"{repaired['record']['seq']} (tier repair)")
+        # a head belongs to one ledger: the shared one, or the one --tenant selects
+        report = ledger.verify(expect_head=args.expect_head if args.tenant is not None or not tenant else None)
+        failed |= args.verify and not report.ok
+        out[tenant] = report
     if args.json:
-        print(json.dumps(report.to_json()))
-    else:
-        rows = [("records", report.records), ("head", f"{report.head['count']} {report.head['hash']}")]
+        shared = out.pop("", None)
+        body = shared.to_json() if shared is not None else {}
+        print(json.dumps({**body, "tenants": {t: r.to_json() for t, r in out.items()}}))
+        return EXIT_FAILED_CHECK if failed else EXIT_OK
+    for tenant, report in out.items():
+        name = f"tenant {tenant}" if tenant else "shared"
+        rows = [("ledger", f"{name} ({ledgers[tenant].path})"), ("records", report.records),
+                ("head", f"{report.head['count']} {report.head['hash']}")]
         rows += [(f"tenant {t or '(shared)'}", f"{v['loads']} loads, {v['tokens']:,} tokens, {v['bytes']:,} bytes")
                  for t, v in sorted(report.totals.items())]
         if args.verify:
@@ -124,7 +166,7 @@ def cmd_store_ledger(args: argparse.Namespace) -> int:
         print(format_rows(rows))
         for problem in report.problems if args.verify else []:
             print(f"  problem: {problem}")
-    return EXIT_FAILED_CHECK if args.verify and not report.ok else EXIT_OK
+    return EXIT_FAILED_CHECK if failed else EXIT_OK
 
 
 def add_store_parser(sub: Any) -> None:
@@ -179,13 +221,25 @@ def add_store_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_store_gc)
 
-    p = ssub.add_parser("ledger", help="show or verify the usage ledger (one hash-chained record per load)",
-                        description="Print per-tenant totals of the store's usage ledger (ROOT/LEDGER.jsonl); "
-                                    "with --verify, check the hash chain: any record deleted, edited or moved "
-                                    "makes it exit 1. Keep the printed head: --expect-head proves later that "
-                                    "nothing before it was rewritten.")
+    p = ssub.add_parser("ledger", help="show, verify or repair the usage ledgers (one hash-chained record per load)",
+                        description="Print the totals of the store's usage ledgers (ROOT/LEDGER.jsonl, and each "
+                                    "tenant's ROOT/.tenants/<id>/LEDGER.jsonl); with --verify, check each hash "
+                                    "chain: any record deleted, edited or moved makes it exit 1. Keep the printed "
+                                    "head: --expect-head proves later that nothing before it was rewritten. "
+                                    "--repair cuts off a torn last record (a crash during an append) and says "
+                                    "what it removed.")
     root_arg(p)
     p.add_argument("--verify", action="store_true", help="check the chain and the head; exit 1 if broken")
-    p.add_argument("--expect-head", metavar="HASH", help="a head hash printed by an earlier verify")
+    p.add_argument("--repair", action="store_true",
+                   help="cut off a torn last record after verifying the records before it, and record the repair; "
+                        "exit 1 if the records before it do not verify (tampering is never repaired)")
+    p.add_argument("--tenant", metavar="TENANT_ID", help="only this tenant's ledger (32 hex digits, Store.tenant_id)")
+    p.add_argument("--expect-head", metavar="HASH", help="a head hash printed by an earlier verify (of the shared "
+                                                          "ledger, or of the one --tenant selects)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_store_ledger)
+
+    # store push|pull|grant and ls --origin: the S3-compatible origin (kvfast/cli/origin.py)
+    from kvfast.cli.origin import add_origin_parsers
+
+    add_origin_parsers(ssub)

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import kvfast
+from kvfast._fs import read_small_file
+from kvfast.errors import FileAccessError
 from kvfast.cli.common import (
     DTYPE_NAMES,
     EXIT_FAILED_CHECK,
@@ -53,9 +55,10 @@ def cmd_sign(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     secret = None
     if args.secret_file:
-        if Path(args.secret_file).is_dir():
-            fail(f"{args.secret_file}: is a folder; give a file of secret bytes")
-        secret = Path(args.secret_file).read_bytes()
+        try:  # a regular file of at most 64 KiB: a FIFO or /dev/zero given by mistake must not hang or fill memory
+            secret = read_small_file(args.secret_file, 64 << 10)[0]
+        except FileAccessError as exc:
+            fail(f"{exc}; give a file of secret bytes")
     model = load_model(args.model_dir, args.dtype)
     if args.attn:
         model.set_attn_implementation(args.attn)

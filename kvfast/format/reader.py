@@ -2,7 +2,6 @@
 before a byte is read; chunk checksums are checked as chunks are read (docs/FORMAT.md)."""
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 from pathlib import Path
@@ -11,17 +10,15 @@ import numpy as np
 import torch
 
 from kvfast._backend import crc32c
-from kvfast._fs import read_exact
+from kvfast._fs import open_regular, read_exact
 from kvfast.errors import (
     ChecksumError,
     CodecError,
-    FileAccessError,
     LayoutError,
     ManifestError,
     NotKvfError,
     TruncatedFileError,
     UnsupportedVersionError,
-    file_access_error,
 )
 from kvfast.format import codec as codecs
 from kvfast.format.manifest import manifest_from_json, parse_json
@@ -58,14 +55,9 @@ class KvfReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if self.path.is_dir():  # os.open would succeed on a folder and fail at the first read, naming nothing
-            raise FileAccessError("is a folder, expected a .kvf file", path=self.path, errno=errno.EISDIR)
+        self._fd, st = open_regular(self.path)  # never blocks on a FIFO; refuses folders and devices
         try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except OSError as exc:
-            raise file_access_error(exc, self.path, "opening") from None
-        try:
-            self._file_size = os.fstat(self._fd).st_size
+            self._file_size = st.st_size
             self.manifest, self.chunks, self.data_start, tokens = self._parse()
             self.token_ids = self._read_token_ids(tokens)
         except BaseException:

@@ -26,6 +26,8 @@ from kvfast.loader.handle import CopyJob, LoadHandle, stop
 from kvfast.loader.native import GpuJob, NativeJob
 from kvfast.loader.reference import PythonJob
 from kvfast.loader.signed import SignedJob
+from kvfast.loader.stream import DEFAULT_STREAM_THREADS, RemoteReader, StreamJob, open_remote
+from kvfast.origin import is_remote
 from kvfast.trust.signing import PublicKeyLike, SignedStatement, check_statement
 
 BACKENDS = ("auto", "native", "python")
@@ -47,7 +49,9 @@ def load(path: Source, cache: PagedKVCache, *, model: Any | None = None, fingerp
     """Load a document's KV from a .kvf file into new blocks of ``cache`` and return its sequence.
 
     Args:
-        path: the .kvf file (or an open :class:`KvfReader`).
+        path: the .kvf file (or an open :class:`KvfReader`), or a document at an origin: ``s3://bucket/key`` (the
+            AWS environment variables give endpoint and credentials) or a presigned ``https://`` URL
+            (:func:`kvfast.store.grant`), streamed by ranged GETs through a bounded ring (:mod:`kvfast.loader.stream`).
         cache: the paged cache to fill; its layers, KV heads, head_dim and dtype must match the file.
         model: the model that will continue from this KV; its fingerprint must equal the file's.
         fingerprint: instead of ``model``, the expected fingerprint (one of the two is required).
@@ -79,6 +83,7 @@ def load(path: Source, cache: PagedKVCache, *, model: Any | None = None, fingerp
         SignatureError: ``trusted_keys`` given and the file is unsigned, signed by another key, or altered.
         CacheFullError: not enough free blocks.
         OSError: the file could not be read (or ``method="odirect"`` on a filesystem without O_DIRECT).
+        OriginError: a remote document's origin is unreachable, refused the request or broke off (an OSError).
 
     Example:
         >>> cache = kvfast.PagedKVCache.for_model(model, num_blocks=1024)  # doctest: +SKIP
@@ -194,7 +199,12 @@ def _open_checked(source: Source, pages: KVPages, model: Any | None, fingerprint
         where = source.path if isinstance(source, KvfReader) else os.fspath(source)
         raise InvalidArgumentError("kvfast.load needs model= or fingerprint= to check the file was made by that model",
                                    path=where)
-    reader = source if isinstance(source, KvfReader) else open_kvf(source)
+    if trusted_keys is not None and is_remote(source):
+        raise InvalidArgumentError("trusted_keys with a remote document: load it through a kvfast.Store(root, "
+                                   "origin=..., trusted_keys=...), which verifies the fetched copy",
+                                   path=str(source).split("?")[0])
+    reader = source if isinstance(source, KvfReader) else open_remote(source) if is_remote(source) else \
+        open_kvf(source)
     owned = reader is not source
     try:
         signed = None if trusted_keys is None else check_statement(reader, trusted_keys)
@@ -217,10 +227,15 @@ def _run(reader: KvfReader, owned: bool, pages: KVPages, table: np.ndarray, n: i
     close_reader = owned and signed is None  # a signed load's check reads the chunks that were not loaded
     try:
         backend, method = _choose(backend, method, pages)
-        threads = DEFAULT_THREADS if threads is None else threads
+        if threads is None:
+            threads = DEFAULT_STREAM_THREADS if isinstance(reader, RemoteReader) else DEFAULT_THREADS
         if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 256:
             raise ValueError(f"threads must be an int in [1, 256], got {threads!r}")
-        if reader.manifest.codec != "raw":
+        if isinstance(reader, RemoteReader):  # an origin: ranged GETs into a ring, checked, scattered in order
+            backend, method = "python", "stream"
+            job = StreamJob(reader, pages, table, n, verify, close_reader=owned,
+                            blocking=blocking, threads=threads, decoder="native" if native is not None else "python")
+        elif reader.manifest.codec != "raw":
             method = "decode"
             job = PythonJob(reader, pages, pages.slot_mapping(table, 0, n), n, verify, close_reader=close_reader,
                             blocking=blocking, threads=threads, decoder="native" if backend == "native" else "python",

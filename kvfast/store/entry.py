@@ -1,23 +1,17 @@
 """What a store holds and reports: keys, entries, matches, counters, and the grammar of names that reach paths."""
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-TIERS = ("device", "ram", "disk")
+from kvfast.errors import InvalidArgumentError
+
+TIERS = ("device", "ram", "disk")  # and "origin" in the counters of a store that has one
 KEY_RE = re.compile(r"[0-9a-f]{64}")  # a document key or block hash: SHA-256, lowercase hex
-_FP_RE = re.compile(r"([a-z0-9]{1,16}):([0-9a-f]{16,128})")
-
-
-def fp_dirname(fp: str) -> str:
-    """A file-name-safe, injective folder name for a fingerprint."""
-    m = _FP_RE.fullmatch(fp)
-    if m:
-        return f"{m[1]}-{m[2]}"
-    return "fp-" + hashlib.sha256(fp.encode()).hexdigest()
+TENANT_ID_RE = re.compile(r"[0-9a-f]{32}")  # Store.tenant_id: the first 16 bytes of an HMAC-SHA-256, hex
+FINGERPRINT_RE = re.compile(r"sha256:[0-9a-f]{64}")  # kvfast.fingerprint(model)
 
 
 # -- identity ---------------------------------------------------------------------------------------------
@@ -26,6 +20,49 @@ class StoreKey(NamedTuple):
 
     fingerprint: str  # kvfast.fingerprint(model)
     document: str  # kvfast.document_key(token_ids, block_tokens), 64 hex digits
+
+
+# -- the grammar of names that reach paths ------------------------------------------------------------------
+# Every name a store joins into a path is checked against its exact grammar before any file-system call: a key
+# such as "../../<other tenant>/..." or "/etc/x" would otherwise name a file outside the entry's folder.
+def _checked(value: Any, grammar: re.Pattern[str], what: str, spelling: str) -> str:
+    if not isinstance(value, str) or not grammar.fullmatch(value):
+        raise InvalidArgumentError(f"{what} must be {spelling}, got {value!r:.100}")
+    return value
+
+
+def check_document_key(value: Any) -> str:
+    """``value`` if it is a document key (64 lowercase hex digits), else :class:`InvalidArgumentError`."""
+    return _checked(value, KEY_RE, "a document key", "64 lowercase hex digits (kvfast.document_key)")
+
+
+def check_fingerprint(value: Any) -> str:
+    """``value`` if it is a model fingerprint (``sha256:`` and 64 lowercase hex digits), else
+    :class:`InvalidArgumentError`."""
+    return _checked(value, FINGERPRINT_RE, "a model fingerprint", "'sha256:' and 64 lowercase hex digits "
+                    "(kvfast.fingerprint)")
+
+
+def check_tenant_id(value: Any) -> str:
+    """``value`` if it is a tenant id (32 lowercase hex digits, :attr:`Store.tenant_id`), else
+    :class:`InvalidArgumentError`."""
+    return _checked(value, TENANT_ID_RE, "a tenant id", "32 lowercase hex digits (Store.tenant_id)")
+
+
+def check_key(key: Any) -> StoreKey:
+    """``key`` as a :class:`StoreKey` whose fingerprint and document key both match their grammar.
+
+    Raises:
+        InvalidArgumentError: not a (fingerprint, document key) pair, or either part is malformed.
+    """
+    if not isinstance(key, tuple) or len(key) != 2:
+        raise InvalidArgumentError(f"a store key is a (fingerprint, document key) pair, got {key!r:.100}")
+    return StoreKey(check_fingerprint(key[0]), check_document_key(key[1]))
+
+
+def fp_dirname(fp: str) -> str:
+    """The folder of a fingerprint's entries: ``sha256:<64 hex>`` -> ``sha256-<64 hex>`` (checked first)."""
+    return check_fingerprint(fp).replace(":", "-", 1)
 
 
 @dataclass(frozen=True)
@@ -96,7 +133,7 @@ class StoreStats:
             misses: those that reused none.
         hits: loads served per tier the prefix came from.
         bytes_read: per tier, KV bytes served: "device" is shared without a copy, "ram" copied from host
-            RAM, "disk" read from .kvf files.
+            RAM, "disk" read from .kvf files; with an origin, also "origin": fetched into the disk tier first.
         tokens_reused: prompt tokens attached instead of prefilled.
         prefill_flops_saved: ``2 * num_parameters * tokens_reused`` over attaches given a model (the usual
             forward-pass estimate: 2 FLOPs per parameter per token; attention-score FLOPs left out).

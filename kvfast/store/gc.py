@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvfast._fs import pid_alive
+from kvfast._fs import is_real_dir, pid_alive
 from kvfast.errors import FormatError
 from kvfast.format import open_kvf
 from kvfast.store.entry import KEY_RE, StoreKey
@@ -46,16 +46,7 @@ def collect(store: Store, *, verify: bool = False) -> dict[str, int]:
     """:meth:`kvfast.Store.gc`: clean the root, then enforce the disk budget; returns the counts."""
     disk = store.disk
     report = dict.fromkeys(("temp_files", "orphans", "corrupt", "evicted"), 0)
-    now = time.time()
-    for p in disk.tmp.iterdir():
-        m = _TMP_RE.match(p.name)
-        pid = int(m[1]) if m else None
-        if pid == os.getpid():
-            continue  # ours: another thread may be writing it
-        with contextlib.suppress(FileNotFoundError):
-            if pid is None or not pid_alive(pid) or now - p.stat().st_mtime > _TMP_MAX_AGE_S:
-                p.unlink()
-                report["temp_files"] += 1
+    report["temp_files"] = _remove_dead_temp_files(disk.tmp)
     for folder in [disk.data / d for d in disk.index.dirnames()]:
         for p in sorted(folder.iterdir()):
             doc, ext = p.stem, p.suffix
@@ -84,6 +75,31 @@ def collect(store: Store, *, verify: bool = False) -> dict[str, int]:
     report["entries"] = len(entries)
     report["disk_bytes"] = sum(e.file_bytes for e in entries)
     return report
+
+
+def _remove_dead_temp_files(tmp: Path) -> int:
+    """Remove the temp files of dead writers from ``tmp``; returns how many.
+
+    Only what kvfast writes there is removed: files, and links themselves (an unlink never reaches a link's
+    target). A folder is left alone, and a ``tmp`` that is itself a symbolic link is not entered (listing it would
+    delete the files of the folder it points at).
+    """
+    if not is_real_dir(tmp):
+        warnings.warn(f"kvfast store: {tmp} is not a folder of the store (a symbolic link?); its temp files are not "
+                      "collected", RuntimeWarning, stacklevel=3)
+        return 0
+    removed, now = 0, time.time()
+    with os.scandir(tmp) as it:
+        for p in it:
+            m = _TMP_RE.match(p.name)
+            pid = int(m[1]) if m else None
+            if pid == os.getpid() or p.is_dir(follow_symlinks=False):
+                continue  # ours (another thread may be writing it), or a folder kvfast never makes
+            with contextlib.suppress(FileNotFoundError):
+                if pid is None or not pid_alive(pid) or now - p.stat(follow_symlinks=False).st_mtime > _TMP_MAX_AGE_S:
+                    os.unlink(p.path)
+                    removed += 1
+    return removed
 
 
 def _sound(store: Store, folder: Path, doc: str, verify: bool) -> bool:

@@ -2,22 +2,28 @@
 in-memory maps by block hash, and rescanned whenever a folder's mtime moves (other processes publish and remove)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import stat
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvfast._fs import read_small_file
+from kvfast.errors import FileAccessError
 from kvfast.format import DTYPE_NAMES, DTYPES, KvfReader
-from kvfast.store.entry import KEY_RE, StoreEntry, StoreKey, fp_dirname
+from kvfast.store.entry import KEY_RE, StoreEntry, StoreKey, check_document_key, fp_dirname
 
 STORE_VERSION = 1
 # Linux stamps files with a coarse clock (a few ms): a directory changed again within the same tick keeps
 # its mtime, so a scan is trusted for later calls only once the directory's mtime is this far in the past.
 _MTIME_SETTLE_NS = 1_000_000_000
+# A sidecar holds 64 hex digits per block of the hash chain: this cap allows 16 M tokens at 16 tokens per block.
+MAX_SIDECAR_BYTES = 64 << 20
 
 
 @dataclass
@@ -29,8 +35,9 @@ class DirIndex:
     by_hash: dict[str, set[str]] = field(default_factory=dict)  # block hash -> documents with that prefix
     by_tail: dict[str, set[str]] = field(default_factory=dict)  # last full-block hash ("" if none) -> documents
                                                                 # that end in a partial block
-    invalid: dict[str, tuple[int, int]] = field(default_factory=dict)  # document -> (inode, mtime_ns) of a bad
-                                                                        # sidecar, so it is reported once
+    sidecars: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # document -> (inode, mtime_ns,
+    # size) of its sidecar when last read, valid or not: a sidecar replaced under the same name (removed and put
+    # again by another process, perhaps with another codec and size) is read again; a bad one is reported once
 
 
 class DiskIndex:
@@ -50,12 +57,15 @@ class DiskIndex:
         return self.data / fp_dirname(fp)
 
     def paths(self, key: StoreKey) -> tuple[Path, Path]:
-        """The entry's .kvf file and its sidecar."""
-        folder = self.folder(key.fingerprint)
-        return folder / f"{key.document}.kvf", folder / f"{key.document}.json"
+        """The entry's .kvf file and its sidecar (both parts of ``key`` checked: no name leaves its folder)."""
+        folder, doc = self.folder(key.fingerprint), check_document_key(key.document)
+        return folder / f"{doc}.kvf", folder / f"{doc}.json"
 
     def dirnames(self) -> list[str]:
-        return [d.name for d in self.data.iterdir() if d.is_dir() and not d.name.startswith(".")]
+        """The model folders: real folders only; a symbolic link planted among them is not followed (gc would
+        delete the files it points at)."""
+        with os.scandir(self.data) as it:
+            return [d.name for d in it if d.is_dir(follow_symlinks=False) and not d.name.startswith(".")]
 
     def of(self, fp: str) -> DirIndex:
         """The index of one model's folder, rescanned first if it changed."""
@@ -73,9 +83,11 @@ class DiskIndex:
         idx = self._dirs.setdefault(dirname, DirIndex())
         folder = self.data / dirname
         try:
-            st = os.stat(folder)
+            st = os.lstat(folder)
         except FileNotFoundError:
-            for doc in list(idx.entries):
+            st = None
+        if st is None or not stat.S_ISDIR(st.st_mode):  # absent, or a link or file planted there: no entries
+            for doc in list(idx.sidecars):
                 self._unindex(idx, doc)
             idx.stamp = None
             return idx
@@ -83,21 +95,22 @@ class DiskIndex:
         if stamp == idx.stamp:
             return idx
         names = {n[:-5] for n in os.listdir(folder) if n.endswith(".json") and KEY_RE.fullmatch(n[:-5])}
-        for doc in set(idx.entries) - names:
+        for doc in set(idx.sidecars) - names:
             self._unindex(idx, doc)
-        idx.invalid = {doc: v for doc, v in idx.invalid.items() if doc in names}
-        for doc in names - set(idx.entries):
+        for doc in names:
             try:
-                side = os.stat(folder / f"{doc}.json")
+                side = os.lstat(folder / f"{doc}.json")
             except FileNotFoundError:
+                self._unindex(idx, doc)
                 continue
-            if idx.invalid.get(doc) == (side.st_ino, side.st_mtime_ns):
+            version = (side.st_ino, side.st_mtime_ns, side.st_size)
+            if idx.sidecars.get(doc) == version:
                 continue
+            self._unindex(idx, doc)
             entry = self.read_sidecar(folder, doc)
             if entry is not None:
                 self._index_entry(idx, entry)
-            else:
-                idx.invalid[doc] = (side.st_ino, side.st_mtime_ns)
+            idx.sidecars[doc] = version
         settled = time.time_ns() - st.st_mtime_ns > _MTIME_SETTLE_NS
         idx.stamp = stamp if settled else None
         return idx
@@ -114,6 +127,7 @@ class DiskIndex:
             idx.by_tail.setdefault(entry.block_hashes[-1] if entry.block_hashes else "", set()).add(doc)
 
     def _unindex(self, idx: DirIndex, doc: str) -> None:
+        idx.sidecars.pop(doc, None)
         entry = idx.entries.pop(doc, None)
         if entry is None:
             return
@@ -131,7 +145,8 @@ class DiskIndex:
         """The entry a sidecar describes (its bytes ``raw`` when given), or None when absent or invalid."""
         path = folder / f"{doc}.json"
         try:
-            body = json.loads(path.read_bytes() if raw is None else raw)
+            body = json.loads(read_small_file(path, MAX_SIDECAR_BYTES, follow_symlinks=False)[0] if raw is None
+                              else raw)
             kv = body["kv"]
             entry = StoreEntry(
                 key=StoreKey(str(body["fingerprint"]), str(body["document_key"])), path=folder / f"{doc}.kvf",
@@ -148,8 +163,10 @@ class DiskIndex:
                 ("dtype", entry.dtype not in DTYPES),
                 ("block_hashes", len(body["block_hashes"]) != 64 * (entry.num_tokens // self.block_tokens)),
             ) if bad]
-        except FileNotFoundError:
-            return None  # removed between the listing and the read
+        except FileAccessError as exc:
+            if exc.errno == errno.ENOENT:
+                return None  # removed between the listing and the read
+            problems = [f"unreadable ({exc})"]  # a link, FIFO or folder planted under an entry's name
         except (ValueError, KeyError, TypeError) as exc:
             problems = [f"unreadable ({exc})"]
         if problems:

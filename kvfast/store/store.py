@@ -11,7 +11,8 @@ The data's path, and the module that handles each step:
     gc:      temp files, orphans, invalid sidecars, disk budget (gc.py)
 
 This module is the facade: it holds the tiers, the counters and the trust policy, and hands each step to its
-part. ``ROOT/LEDGER.jsonl`` records every load it serves (:class:`kvfast.Ledger`).
+part. ``ROOT/LEDGER.jsonl`` (a tenant's: ``ROOT/.tenants/<tenant_id>/LEDGER.jsonl``) records every load it
+serves (:class:`kvfast.Ledger`).
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ import torch
 from kvfast._fs import fsync_file
 from kvfast.cache.pages import KVPages
 from kvfast.cache.paged import KVSequence, PagedKVCache
-from kvfast.errors import FormatError, SignatureError, TokenMismatchError
+from kvfast.errors import FormatError, InvalidArgumentError, ManifestError, SignatureError, TokenMismatchError
+from kvfast.origin import Origin, OriginConfig
 from kvfast.format import DTYPES, KvfReader, open_kvf, save_kv
 from kvfast.hf.capture import publish as hf_publish
 from kvfast.format.spec import token_array
@@ -42,10 +44,14 @@ from kvfast.identity import fingerprint as model_fingerprint
 from kvfast.loader import LoadHandle, load, load_into
 from kvfast.loader.compat import check_fits
 from kvfast.loader.handle import CompletedJob
+from kvfast.loader.stream import RemoteReader
 from kvfast.store import gc as gc_
-from kvfast.store.entry import StoreEntry, StoreKey, StoreMatch, StoreStats
+from kvfast.store import readthrough
+from kvfast.store.entry import (StoreEntry, StoreKey, StoreMatch, StoreStats, check_fingerprint, check_key,
+                                check_tenant_id)
 from kvfast.store.tiers.device import Root, DeviceTier
 from kvfast.store.tiers.disk import DiskTier
+from kvfast.store.tiers.origin import OriginTier
 from kvfast.store.tiers.ram import RamTier
 from kvfast.trust.ledger import Ledger
 from kvfast.trust.signing import PublicKeyLike, read_sidecar, sig_path, trusted_key_ids, verify_signature
@@ -82,7 +88,14 @@ class Store:
             records the verification in the entry; :meth:`attach` refuses entries not signed by one of these
             keys (or computed by a store with the model, :meth:`publish`) with :class:`SignatureError`. The
             full digests are checked once, on ingest; attaching reads the record only.
-        ledger: append a record of every served load to the root's usage ledger (:class:`kvfast.Ledger`).
+        ledger: append a record of every served load to the usage ledger (:class:`kvfast.Ledger`): the root's, or
+            for a tenant its own in its folder, so a tenant's ``ledger.records()`` holds only its own loads.
+        origin: an S3-compatible object store below the disk tier, ``"s3://bucket/prefix"`` (or an
+            :class:`kvfast.Origin`), shared by every node: :meth:`put` and :meth:`publish` also upload there
+            (conditional creates: atomic, one object however many publishers race), :meth:`match` finds documents
+            stored there without downloading them, and :meth:`attach` / :meth:`load_into` fetch a document found
+            only there into the disk tier once per node (kvfast/store/tiers/origin.py, readthrough.py).
+        origin_config: the origin's endpoint and credentials (None: the standard AWS environment variables).
 
     Example:
         >>> store = kvfast.Store("/srv/kv", ram_bytes=8 << 30)                      # doctest: +SKIP
@@ -94,7 +107,7 @@ class Store:
     def __init__(self, root: str | os.PathLike, *, ram_bytes: int = DEFAULT_RAM_BYTES,
                  device_blocks: int | None = None, disk_bytes: int | None = None, block_tokens: int | None = None,
                  tenant: bytes | None = None, trusted_keys: Sequence[PublicKeyLike] | None = None,
-                 ledger: bool = True):
+                 ledger: bool = True, origin: str | Origin | None = None, origin_config: OriginConfig | None = None):
         if tenant is not None and (not isinstance(tenant, bytes) or len(tenant) < MIN_TENANT_SALT_BYTES):
             raise ValueError(f"tenant must be a secret salt of at least {MIN_TENANT_SALT_BYTES} bytes (e.g. "
                              "secrets.token_bytes(32), kept server-side), not a name a client could guess")
@@ -104,8 +117,8 @@ class Store:
         self.root = Path(root)
         self._salt = tenant
         self.tenant_id = "" if tenant is None else hmac.new(tenant, b"kvfast tenant id", "sha256").hexdigest()[:32]
-        self.disk = DiskTier(self.root, None if tenant is None else self.root / ".tenants" / self.tenant_id,
-                             block_tokens)
+        data = None if tenant is None else self.root / ".tenants" / check_tenant_id(self.tenant_id)
+        self.disk = DiskTier(self.root, data, block_tokens)
         self.block_tokens = self.disk.block_tokens
         self.ram = RamTier(ram_bytes)
         self.device = DeviceTier(device_blocks, self.ram)
@@ -113,12 +126,18 @@ class Store:
         self._trusted = None if trusted_keys is None else trusted_key_ids(trusted_keys)
         if self._trusted is not None and not self._trusted:
             raise ValueError("trusted_keys is empty: give at least one public key, or None to trust any entry")
-        self.ledger = Ledger(self.root) if ledger else None
+        self.ledger = Ledger(self.disk.data) if ledger else None
         self._mutex = threading.RLock()
         self._num_params: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._last_used: dict[StoreKey, float] = {}  # monotonic time of the last attach
         self._last_touched: dict[StoreKey, float] = {}  # ... and of the last os.utime of its file
         self._counters = StoreStats()
+        if isinstance(origin, str):
+            origin = Origin(origin, origin_config)
+        self.origin = None if origin is None else OriginTier(origin, self.tenant_id or "shared", self.disk.index)
+        if self.origin is not None:
+            for counter in (self._counters.hits, self._counters.bytes_read, self._counters.evictions):
+                counter[OriginTier.name] = 0
 
     @property
     def ram_budget(self) -> int:
@@ -129,7 +148,8 @@ class Store:
         return self.device.budget
 
     def __repr__(self) -> str:
-        return f"Store({str(self.root)!r}, block_tokens={self.block_tokens})"
+        at = "" if self.origin is None else f", origin={self.origin.origin.url!r}"
+        return f"Store({str(self.root)!r}, block_tokens={self.block_tokens}{at})"
 
     # -- keys ---------------------------------------------------------------------------------------------------
     def _salted(self, digest: str) -> str:
@@ -147,7 +167,7 @@ class Store:
 
     @staticmethod
     def _fingerprint(model: Any) -> str:
-        return model if isinstance(model, str) else model_fingerprint(model)
+        return check_fingerprint(model) if isinstance(model, str) else model_fingerprint(model)
 
     # -- publishing ----------------------------------------------------------------------------------------------
     def put(self, source: str | os.PathLike | KvfReader | tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]], *,
@@ -191,7 +211,7 @@ class Store:
         if token_ids is None or fingerprint is None:
             raise TypeError("put((keys, values), ...) needs token_ids= and fingerprint=")
         keys, values = source
-        key = StoreKey(fingerprint, self.document_key(token_ids))
+        key = StoreKey(check_fingerprint(fingerprint), self.document_key(token_ids))
         if (existing := self._existing(key)) is not None:
             return existing
         tmp = self.disk.tmp_path(".kvf")
@@ -221,7 +241,10 @@ class Store:
 
     def _put_file(self, src: Path, verify: bool, signature: str | os.PathLike | None) -> StoreEntry:
         with open_kvf(src) as r:  # cheap: validates header and tokens, finds the key before any copy
-            key = StoreKey(r.manifest.fingerprint, self.document_key(r.token_ids))
+            try:  # the fingerprint names the entry's folder: it must have the grammar a path may take
+                key = StoreKey(check_fingerprint(r.manifest.fingerprint), self.document_key(r.token_ids))
+            except InvalidArgumentError as exc:
+                raise ManifestError(f"model.fingerprint: {exc}; not stored", path=src) from None
         if (existing := self._existing(key)) is not None:
             return existing
         tmp = self.disk.tmp_path(".kvf")
@@ -235,8 +258,7 @@ class Store:
                         r.verify()
                     copied = StoreKey(r.manifest.fingerprint, self.document_key(r.token_ids))
             except FormatError as exc:  # name the caller's file, not the store's private copy of it
-                detail = str(exc).removeprefix(f"{exc.path}: ") if exc.path else str(exc)
-                raise type(exc)(f"{detail}; not stored", path=src) from None
+                raise type(exc)(f"{exc.detail}; not stored", path=src) from None
             if copied != key:
                 raise FormatError("the file changed while it was being copied into the store; put it again",
                                   path=src)
@@ -273,15 +295,84 @@ class Store:
             raise SignatureError(f"entry is {entry.provenance}, not signed by a trusted key; put it again with its "
                                  "signature", path=entry.path)
 
+    def open_entry(self, entry: StoreEntry) -> KvfReader:
+        """A validated reader of a stored document (manifest, token ids, chunks): its file on this node or, for an
+        entry matched only at the origin, the object there, read by ranged GETs. Nothing is fetched into a local
+        tier: an engine checks a match's header before it plans, and fetches when it loads.
+
+        Raises:
+            FormatError (and subclasses), OSError: the document is unreadable or not a valid .kvf file.
+            OriginError: the origin is unreachable or refuses.
+        """
+        if self.origin is None or entry.path.exists():
+            return open_kvf(entry.path)
+        return RemoteReader(self.origin.origin.source(self.origin.names(entry.key)[0]))
+
     def _existing(self, key: StoreKey) -> StoreEntry | None:
         with self._mutex:
             entry = self.disk.index.get(key)
-            if entry is not None and entry.path.exists():
-                self._counters.duplicate_puts += 1
-                return entry
-        return None
+            if entry is None or not entry.path.exists():
+                return None
+            self._counters.duplicate_puts += 1
+        if self.origin is not None:
+            with self._mutex:
+                there = self.origin.holds(key)
+            if not there:
+                self.push(key)  # stored here before (or while) the origin was unreachable: upload it now
+        return entry
 
     def _commit(self, key: StoreKey, tmp: Path, provenance: str, signature: dict[str, Any] | None) -> StoreEntry:
+        """Commit locally (:meth:`_commit_local`), then upload to the origin when there is one."""
+        entry = self._commit_local(key, tmp, provenance, signature)
+        if self.origin is not None:
+            self.push(key)
+        return entry
+
+    def push(self, key: StoreKey | tuple[str, str]) -> bool:
+        """Upload a local entry to the origin (document, then its index entry; each created only if absent).
+        Returns whether this call created it there (False: it was there already).
+
+        Raises:
+            KeyError: no local entry under ``key``.
+            OriginError: the origin is unreachable or refuses the upload (the local entry stays).
+        """
+        if self.origin is None:
+            raise ValueError(f"{self.root}: this store has no origin; open it with Store(root, origin='s3://...')")
+        key = check_key(key)  # it names objects at the origin: "../x" would reach another prefix
+        kvf, side = self.disk.index.paths(key)
+        try:
+            sidecar = side.read_bytes()
+        except FileNotFoundError:
+            raise KeyError(f"{self.root}: no local entry {key.document[:16]}...") from None
+        return self.origin.publish(key, kvf, sidecar)
+
+    def grant(self, key: StoreKey | tuple[str, str], ttl_s: int = 3600) -> str:
+        """A presigned HTTPS URL that lets its holder read one document at the origin (manifest and chunks: the
+        .kvf object) for ``ttl_s`` seconds, and nothing else: ``kvfast.load(url, cache, model=model)``.
+
+        Raises:
+            KeyError: the origin holds no such document.
+            OriginError: the origin is unreachable.
+
+        Example:
+            >>> url = store.grant(entry.key, ttl_s=3600)                  # doctest: +SKIP
+            >>> seq = kvfast.load(url, cache, model=model)                # doctest: +SKIP (on another machine)
+        """
+        if self.origin is None:
+            raise ValueError(f"{self.root}: this store has no origin; open it with Store(root, origin='s3://...')")
+        if not isinstance(ttl_s, int) or not 1 <= ttl_s <= 7 * 24 * 3600:
+            raise ValueError(f"ttl_s must be an int in [1, 604800] (S3 presigned URLs last at most 7 days), got "
+                             f"{ttl_s!r}")
+        key = check_key(key)  # it names objects at the origin: "../x" would reach another prefix
+        with self._mutex:
+            there = self.origin.holds(key) or key.document in self.origin.of(key.fingerprint, fresh=True).entries
+        if not there:
+            raise KeyError(f"{self.origin.origin.url}: no document {key.document[:16]}... for model "
+                           f"{key.fingerprint[:19]}...; push it first")
+        return self.origin.origin.presign(self.origin.names(key)[0], ttl_s)
+
+    def _commit_local(self, key: StoreKey, tmp: Path, provenance: str,
+                      signature: dict[str, Any] | None) -> StoreEntry:
         """Commit a complete, fsynced .kvf under ``key`` (tiers/disk.py), then enforce the disk budget."""
         with open_kvf(tmp) as r:
             sidecar = self.disk.index.sidecar(key, r, tmp.stat().st_size, self._block_hashes(r.token_ids),
@@ -306,14 +397,25 @@ class Store:
     def get(self, key: StoreKey | tuple[str, str]) -> StoreEntry | None:
         """The entry stored under ``key`` = (fingerprint, document key), or None.
 
+        Raises:
+            InvalidArgumentError: the fingerprint or document key does not have its grammar (``sha256:`` and 64
+                hex digits; 64 hex digits).
+
         Example:
             >>> store.get((kvfast.fingerprint(model), kvfast.document_key(doc_ids)))  # doctest: +SKIP
         """
+        key = check_key(key)
         with self._mutex:
-            return self.disk.index.get(StoreKey(*key))
+            return self.disk.index.get(key)
 
     def list(self, fingerprint: str | None = None) -> list[StoreEntry]:  # noqa: A003 - the store's listing
-        """Every stored entry (of one model when ``fingerprint`` is given), sorted by key."""
+        """Every stored entry (of one model when ``fingerprint`` is given), sorted by key.
+
+        Raises:
+            InvalidArgumentError: ``fingerprint`` is not ``sha256:`` and 64 hex digits.
+        """
+        if fingerprint is not None:
+            check_fingerprint(fingerprint)
         with self._mutex:
             return sorted(self.disk.index.entries(fingerprint), key=lambda e: e.key)
 
@@ -340,10 +442,25 @@ class Store:
             return self._match(self._fingerprint(model), token_array(prompt_token_ids), None)
 
     def _match(self, fp: str, ids: np.ndarray, cache: PagedKVCache | None) -> StoreMatch | None:
-        idx = self.disk.index.of(fp)
+        """The longest match in the local tiers, else (when longer) at the origin: a match found only there is an
+        entry whose ``path`` does not exist yet (:meth:`_local` fetches it)."""
+        chain = self._block_hashes(ids)
+        local = self._match_in(self.disk.index.of(fp), chain, ids, cache)
+        if self.origin is None or (local is not None and local.num_tokens == len(ids)):
+            return local
+        remote = self._match_in(self.origin.of(fp), chain, ids, None)
+        return remote if remote is not None and (local is None or remote.num_tokens > local.num_tokens) else local
+
+    def _local(self, entry: StoreEntry) -> tuple[StoreEntry, bool]:
+        """``entry`` on this node's disk, fetched from the origin first when it is only there: (entry, fetched)."""
+        if self.origin is None or entry.path.exists():
+            return entry, False
+        return readthrough.fetch(self, entry)
+
+    def _match_in(self, idx: Any, chain: list[str], ids: np.ndarray,
+                  cache: PagedKVCache | None) -> StoreMatch | None:
         if not idx.entries:
             return None
-        chain = self._block_hashes(ids)
         matched = 0  # stored chains are prefix-closed, so the first miss ends the walk
         while matched < len(chain) and chain[matched] in idx.by_hash:
             matched += 1
@@ -416,8 +533,11 @@ class Store:
                 check_fits((e.num_layers, e.num_kv_heads, e.head_dim), DTYPES[e.dtype], cache.pages.kv_shape,
                            cache.dtype, model=model, path=e.path)
                 self.check_trusted(e)
+                e, fetched = self._local(e)  # raises OriginError, ChecksumError: nothing was cached
+                self.check_trusted(e)
                 try:
                     root, tier, owned = self._resident(e, cache, verify)
+                    tier = "origin" if fetched else tier
                 except FileNotFoundError:
                     self._forget(e.key)
                     continue
@@ -451,6 +571,7 @@ class Store:
         next load is one copy from memory), and the load is recorded in the usage ledger once it has landed.
 
         Raises:
+            InvalidArgumentError: the fingerprint or document key does not have its grammar.
             KeyError: no entry under ``key``.
             SignatureError: the store has ``trusted_keys`` and the entry is not signed by one of them.
             Everything :func:`kvfast.load_into` raises.
@@ -459,17 +580,21 @@ class Store:
             >>> handle = store.load_into(match.entry.key, pages, vllm_block_ids, prompt[:n])  # doctest: +SKIP
             >>> handle.wait_layer(0)                                                          # doctest: +SKIP
         """
-        key = StoreKey(*key)
+        key = check_key(key)
         ids = token_array(token_ids)
         started = time.perf_counter()
         with self._mutex:
             entry = self.disk.index.get(key)
+            fetched = False
+            if entry is None and self.origin is not None and self.origin.holds(key):
+                entry, fetched = self._local(self.origin.of(key.fingerprint).entries[key.document])
             if entry is None:
                 raise KeyError(f"{self.root}: no entry {key.document[:16]}... for model {key.fingerprint[:19]}...")
             self.check_trusted(entry)
             ram, tier = self.ram.get(key), "ram"
             if ram is None and self.ram.fits(entry, pages):
-                ram, tier = self.ram.read(entry, pages, verify), "disk"  # read through: next time from RAM
+                # read through: next time from RAM
+                ram, tier = self.ram.read(entry, pages, verify), "origin" if fetched else "disk"
             if ram is not None:
                 check_fits((entry.num_layers, entry.num_kv_heads, entry.head_dim), DTYPES[entry.dtype],
                            pages.kv_shape, pages.dtype, path=entry.path)
@@ -486,7 +611,8 @@ class Store:
         def record(error: BaseException | None) -> None:
             if error is None:
                 with self._mutex:
-                    self._served(entry, "disk", len(ids), key.fingerprint, time.perf_counter() - started,
+                    self._served(entry, "origin" if fetched else "disk", len(ids), key.fingerprint,
+                                 time.perf_counter() - started,
                                  len(ids) * entry.bytes_per_token)
 
         handle = load_into(entry.path, pages, block_ids, fingerprint=key.fingerprint, num_tokens=len(ids),
@@ -562,8 +688,11 @@ class Store:
 
         Agents attached to it keep their sequences. The sidecar goes first (the entry disappears
         atomically), then the .kvf file.
+
+        Raises:
+            InvalidArgumentError: the fingerprint or document key does not have its grammar; nothing is touched.
         """
-        key = StoreKey(*key)
+        key = check_key(key)  # before any path is made of it: "../x" or "/x" would name files outside the store
         existed = self.disk.remove(key)
         self._forget(key)
         return existed

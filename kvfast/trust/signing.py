@@ -27,23 +27,30 @@ Example:
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
+import stat
+import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from kvfast.errors import SignatureError
-from kvfast._fs import DEFAULT_THREADS, atomic_write, read_exact
+from kvfast.errors import FileAccessError, SignatureError
+from kvfast._fs import DEFAULT_THREADS, atomic_write, read_exact, read_small_file
 from kvfast.format import DTYPE_NAMES, KvfReader, open_kvf, token_sha256
 
 STATEMENT_VERSION = 1
 SIG_SUFFIX = ".sig"
 HASH_PIECE_BYTES = 1 << 20  # bytes read and hashed at a time: hashing memory is this per thread, not a chunk
 _DOMAIN = b"kvfast signed statement v1\0"  # signatures over statements can never pass for anything else
+# Keys and sidecars are read whole, so their size is capped: a PEM key has about 120 bytes, a sidecar a few KB
+# (the model config dominates). A larger file is refused before it is read.
+MAX_KEY_BYTES = 64 << 10
+MAX_SIDECAR_BYTES = 1 << 20
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -93,13 +100,36 @@ def keygen(path: str | os.PathLike) -> tuple[Path, Path]:
     return private, public
 
 
+def _read_key_file(path: str | os.PathLike, *, private: bool) -> bytes:
+    """A key file's bytes (a regular file of at most :data:`MAX_KEY_BYTES`), warning when its permissions let
+    others read a private key or replace a public one (ssh refuses the first; kvfast warns, so a key shared
+    read-only by a deployment still works)."""
+    try:
+        data, st = read_small_file(path, MAX_KEY_BYTES)
+    except FileAccessError as exc:
+        raise SignatureError(f"cannot use this {'private' if private else 'public'} key ({exc.detail})",
+                             path=path) from None
+    loose = stat.S_IRWXG | stat.S_IRWXO if private else stat.S_IWOTH
+    if st.st_mode & loose:
+        what = "readable by group or others" if private else "writable by anyone"
+        warnings.warn(f"{os.fspath(path)}: the {'private' if private else 'public'} key is {what} (mode "
+                      f"{stat.S_IMODE(st.st_mode):o}); chmod {'600' if private else 'go-w'} it", RuntimeWarning,
+                      stacklevel=3)
+    return data
+
+
 def load_private_key(key: Ed25519PrivateKey | str | os.PathLike) -> Ed25519PrivateKey:
-    """An Ed25519 private key from a key object or a PEM file made by :func:`keygen`."""
+    """An Ed25519 private key from a key object or a PEM file made by :func:`keygen`.
+
+    Raises:
+        SignatureError: the file is missing, not a regular file, over :data:`MAX_KEY_BYTES`, or not an
+            unencrypted Ed25519 PEM key. Warns (``RuntimeWarning``) when group or others may read it.
+    """
     ed25519, serialization = _crypto()
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return key
     try:
-        loaded = serialization.load_pem_private_key(Path(key).read_bytes(), password=None)
+        loaded = serialization.load_pem_private_key(_read_key_file(key, private=True), password=None)
     except (ValueError, TypeError) as exc:
         raise SignatureError(f"not an unencrypted PEM private key ({exc})", path=key) from None
     if not isinstance(loaded, ed25519.Ed25519PrivateKey):
@@ -108,7 +138,12 @@ def load_private_key(key: Ed25519PrivateKey | str | os.PathLike) -> Ed25519Priva
 
 
 def load_public_key(key: PublicKeyLike) -> Ed25519PublicKey:
-    """An Ed25519 public key from a key object, a PEM file (public or private), or 32 raw bytes."""
+    """An Ed25519 public key from a key object, a PEM file (public or private), or 32 raw bytes.
+
+    Raises:
+        SignatureError: the file is missing, not a regular file, over :data:`MAX_KEY_BYTES`, or not an Ed25519
+            PEM key. Warns (``RuntimeWarning``) when anyone may write it.
+    """
     ed25519, serialization = _crypto()
     if isinstance(key, ed25519.Ed25519PublicKey):
         return key
@@ -118,7 +153,7 @@ def load_public_key(key: PublicKeyLike) -> Ed25519PublicKey:
         if len(key) != 32:
             raise SignatureError(f"a raw Ed25519 public key has 32 bytes, got {len(key)}")
         return ed25519.Ed25519PublicKey.from_public_bytes(key)
-    data = Path(key).read_bytes()
+    data = _read_key_file(key, private=False)
     try:
         loaded: Any = serialization.load_pem_public_key(data)
     except ValueError:
@@ -302,12 +337,15 @@ class Verified:
 
 
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
-    """A signature sidecar's fields, checked for shape. Raises :class:`SignatureError` naming the field."""
+    """A signature sidecar's fields, checked for shape. Raises :class:`SignatureError` naming the field; a
+    sidecar that is not a regular file of at most :data:`MAX_SIDECAR_BYTES` is refused before it is read."""
     p = Path(path)
     try:
-        body = json.loads(p.read_bytes())
-    except FileNotFoundError:
-        raise SignatureError("no signature (an unsigned artifact; sign it with `kvfast sign`)", path=p) from None
+        body = json.loads(read_small_file(p, MAX_SIDECAR_BYTES)[0])
+    except FileAccessError as exc:
+        if exc.errno == errno.ENOENT:
+            raise SignatureError("no signature (an unsigned artifact; sign it with `kvfast sign`)", path=p) from None
+        raise SignatureError(f"cannot use this signature sidecar ({exc.detail})", path=p) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise SignatureError(f"signature sidecar is not JSON ({exc})", path=p) from None
     return _checked(body, p)

@@ -59,9 +59,10 @@ def _connector(role: str, store: Path, policy: str = "recompute", **extra) -> di
             "kv_connector_extra_config": {"store": str(store), **extra}}
 
 
-def _run_engines(workdir: Path, specs: dict[str, dict]) -> dict[str, dict]:
-    """Run engines (two at a time: this machine has two cores) and return each one's JSON and log."""
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+def _run_engines(workdir: Path, specs: dict[str, dict], env: dict[str, str] | None = None) -> dict[str, dict]:
+    """Run engines (two at a time: this machine has two cores) and return each one's JSON and log. ``env``: more
+    environment variables for every engine."""
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
     out: dict[str, dict] = {}
     names = list(specs)
     for i in range(0, len(names), 2):

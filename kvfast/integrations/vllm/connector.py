@@ -31,6 +31,9 @@ Extra config (``kv_connector_extra_config``):
     verify: check every chunk's CRC-32C while loading (default true).
     trusted_keys: Ed25519 public key files; when given, only documents signed by one of them are loaded.
     ram_bytes: the store's host RAM tier in this worker (default the store's); 0 turns it off.
+    origin: an S3-compatible origin below the store, ``"s3://bucket/prefix"`` (endpoint and credentials from the
+        standard AWS environment variables): prompts are published there too, and a document found only there
+        is fetched once into this node's store, then loaded (kvfast.Store's ``origin``).
 """
 from __future__ import annotations
 
@@ -92,7 +95,8 @@ class KvfastConnector(KVConnectorBase_V1):
             raise ValueError("KvfastConnector: kv_connector_extra_config needs 'store': the kvfast store folder")
         trusted = tc.get_from_extra_config("trusted_keys", None)
         store = Store(root, trusted_keys=trusted or None,
-                      ram_bytes=int(tc.get_from_extra_config("ram_bytes", DEFAULT_RAM_BYTES)))
+                      ram_bytes=int(tc.get_from_extra_config("ram_bytes", DEFAULT_RAM_BYTES)),
+                      origin=tc.get_from_extra_config("origin", None) or None)
         disabled = unsupported_parallelism(vllm_config)
         self._scheduler: KvfastScheduler | None = None
         self._worker: KvfastWorker | None = None

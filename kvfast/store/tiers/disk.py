@@ -12,6 +12,10 @@
 Locking: publishers write their file without any lock, then take the flock of the key's stripe only for the two
 renames (and the duplicate check); ``remove`` and gc take the same lock, so a sidecar never points at a missing
 file. Readers take no lock: they open files that are complete by construction.
+
+Everything under the root is the store's own: a symbolic link planted as one of its folders is refused (a write
+or a lock through it would land elsewhere) or skipped (gc never lists through it), and its files are read
+without following links. The root itself may be a link: the operator chose it.
 """
 from __future__ import annotations
 
@@ -22,8 +26,8 @@ import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from kvfast._fs import flock, fsync_dir, write_durable
-from kvfast.errors import FormatError
+from kvfast._fs import flock, fsync_dir, is_real_dir, read_small_file, require_real_dir, write_durable
+from kvfast.errors import FileAccessError, FormatError
 from kvfast.store.entry import StoreEntry, StoreKey
 from kvfast.store.index import STORE_VERSION, DiskIndex
 
@@ -52,11 +56,14 @@ class DiskTier:
     def __init__(self, root: Path, data: Path | None, block_tokens: int | None):
         self.root = root
         self.tmp, self.locks = root / ".tmp", root / ".locks"
-        for d in (root, self.tmp, self.locks):
-            d.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)  # the root itself may be a symbolic link: the operator chose it
+        for d in (self.tmp, self.locks):
+            require_real_dir(d)
         self.block_tokens = self._settings(block_tokens)
         self.data = data if data is not None else root
-        self.data.mkdir(parents=True, exist_ok=True)
+        if data is not None:  # ROOT/.tenants/<id>
+            require_real_dir(data.parent)
+            require_real_dir(data)
         self.index = DiskIndex(self.data, self.block_tokens)
 
     # -- settings, locks, temp files ----------------------------------------------------------------------
@@ -71,9 +78,9 @@ class DiskTier:
                     os.replace(tmp, path)
                     fsync_dir(self.root)
         try:
-            body = json.loads(path.read_bytes())
+            body = json.loads(read_small_file(path, 1 << 16, follow_symlinks=False)[0])
             version, stored = body["store_version"], body["block_tokens"]
-        except (ValueError, KeyError, TypeError) as exc:
+        except (FileAccessError, ValueError, KeyError, TypeError) as exc:
             raise FormatError(f"store settings are unreadable ({exc}); restore or delete the file", path=path) from None
         if version != STORE_VERSION:
             raise FormatError(f"store version {version} is not supported (this kvfast reads {STORE_VERSION})",
@@ -114,8 +121,8 @@ class DiskTier:
         try:
             write_durable(side_tmp, sidecar)
             _failpoint("put:sidecar-written")
-            if not kvf.parent.exists():
-                kvf.parent.mkdir(exist_ok=True)
+            if not is_real_dir(kvf.parent):
+                require_real_dir(kvf.parent)  # creates it, or refuses a link planted as the model's folder
                 fsync_dir(self.data)
             with self.key_lock(key):
                 if side.exists() and kvf.exists():
