@@ -63,7 +63,7 @@ def test_match_finds_the_longest_prefix_at_the_origin(s3, prefix, tmp_path):
     assert b.match(FP, ids[:450]).num_tokens == 448  # block-aligned inside it
     assert b.match(FP, ids[:320] + [7] * 40).num_tokens == 320  # the shorter one, whole
     assert b.match(FP, [5] * 100) is None
-    assert b.match("test:fedcba9876543210", ids) is None  # another model's namespace
+    assert b.match("sha256:" + "fe" * 32, ids) is None  # another model's namespace
 
 
 def test_a_match_at_the_origin_opens_there_without_a_fetch(s3, prefix, tmp_path):
