@@ -11,7 +11,6 @@ I0's computed KV come from the same steps.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 
