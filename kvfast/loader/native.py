@@ -3,7 +3,7 @@ and the binding boundary where native failures become kvfast's typed exceptions.
 
 - host pages (``kvfast._C``): a small pool of C++ threads, GIL released, reads the chunks in file order in pieces
   of ``PIECE_BYTES`` and checksums each piece while it is in L2 (NHD pages are filled straight from the file's runs
-  of tokens; HND and other strides through a per-thread staging buffer and a scatter). ``method`` picks how bytes
+  of tokens; HND and any other strides, D's included, through a per-thread staging buffer and a scatter). ``method`` picks how bytes
   come off the file: ``"preadv"``, ``"mmap"`` or ``"odirect"``; csrc/file_source.h says how each copies.
 - CUDA pages (``kvfast._C_cuda``): the same workers read each chunk into a small ring of pinned staging slots,
   checksum it there, and hand it to a CUDA stream per worker: ``"scatter"`` copies the chunk to the device and
@@ -27,9 +27,14 @@ GPU_RING_SLOTS = 3  # pinned staging slots per worker: one being read, one in fl
 
 
 def _host_pages(pages: KVPages, tensor: torch.Tensor) -> np.ndarray:
-    """One layer's K or V pages as the uint8 ``[num_blocks, block_size, H, head_dim * itemsize]`` array the native
-    loader writes into (a strided view for HND); shares memory with the pages."""
-    return pages.token_major(tensor.view(torch.uint8)).numpy()  # last axis: head_dim * itemsize bytes
+    """One layer's K or V pages as the uint8 ``[num_blocks, block_size, H, head_dim, itemsize]`` array the native
+    loader writes into, at the pages' strides in bytes (D may be strided: vLLM CPU's K); shares memory with the
+    pages."""
+    t = pages.token_major(tensor)
+    item = t.element_size()
+    raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+    view = raw.as_strided((*t.shape, item), (*(s * item for s in t.stride()), 1), t.storage_offset() * item)
+    return view.numpy()
 
 
 class NativeJob:
