@@ -2,7 +2,7 @@
 
 Every check that can refuse a file (kvfast.loader.compat, the block ids, a signature) runs before the first byte is
 written, and a failure while copying gives back what the load allocated. The path is chosen in one place
-(:func:`_choose`): the native job when the extension is built, for host pages of any strides and for CUDA pages
+(:func:`choose_path`): the native job when the extension is built, for host pages of any strides and for CUDA pages
 whose rows of ``D`` elements are contiguous, else the reference; coded files (``codec`` other than ``"raw"``,
 docs/FORMAT.md §7.1) take the reference job's loop with a decode step (``method="decode"``).
 """
@@ -203,7 +203,7 @@ def _run(reader: KvfReader, owned: bool, pages: KVPages, table: np.ndarray, n: i
          on_failure: Callable[[], None] | None = None) -> LoadHandle:
     """Start the job that copies the first ``n`` tokens into blocks ``table`` of ``pages``."""
     try:
-        backend, method = _choose(backend, method, pages)
+        backend, method = choose_path(pages, backend, method)
         threads = DEFAULT_THREADS if threads is None else threads
         if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 256:
             raise ValueError(f"threads must be an int in [1, 256], got {threads!r}")
@@ -229,8 +229,19 @@ def _run(reader: KvfReader, owned: bool, pages: KVPages, table: np.ndarray, n: i
                       device=pages.device, sequence=sequence, on_failure=on_failure)
 
 
-def _choose(backend: str, method: str, pages: KVPages) -> tuple[str, str]:
-    """(backend, method) to run: the one place the load path is decided."""
+def choose_path(pages: KVPages, backend: str = "auto", method: str = "auto") -> tuple[str, str]:
+    """The ``(backend, method)`` a load into ``pages`` runs: the one place the load path is decided (a serving
+    engine logs it once, when it registers its pages).
+
+    Raises:
+        ValueError: ``backend`` or ``method`` unknown, or not possible for these pages.
+        RuntimeError: ``backend="native"`` and the extension for the pages' device is not built.
+
+    Example:
+        >>> pages = KVPages([torch.zeros(4, 2, 16, 8).transpose(2, 3)], [torch.zeros(4, 2, 16, 8)], layout="HND")
+        >>> choose_path(pages)  # doctest: +SKIP
+        ('native', 'preadv')
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if method not in METHODS:

@@ -4,13 +4,16 @@
 
 SPEC: {"model": dir, "dtype": "float32", "kv": null or kv_transfer_config dict, "kv_cache_dtype": "auto",
        "prefix_caching": true, "max_num_batched_tokens": null (vLLM's default) or tokens per step,
-       "prompts": [[ids], ...], "max_tokens": 32, "logprobs": 5, "inproc": false}
+       "prompts": [[ids], ...], "max_tokens": 32, "logprobs": 5, "inproc": false, "batch": false}
 OUT:  {"start_s": s, "results": [{"tokens", "logprobs": [{id: logprob}], "kv_transfer_params", "wall_s"}],
-       "outcomes_held": n (with "inproc": the engine core runs in this process, and this counts the outcomes its
-       kvfast connector still holds after the last request: each must go with its request)}
+       with "inproc" (the engine core runs in this process), after the engine has stepped until it holds no
+       request (held ones wait for their background save): "outcomes_held" (outcomes and saves its kvfast
+       connector still holds: each must go with its request), "requests_held" (requests vLLM still holds),
+       "free_blocks" and "usable_blocks" (vLLM's free KV blocks, and all it has)}
 
 Prompts run one after another (one ``generate`` each), so each request's wall time is its own and later
-prompts see what earlier ones published. The engine spawns processes: hence the ``__main__`` guard.
+prompts see what earlier ones published; with "batch", all in one ``generate`` (batched in the same steps).
+The engine spawns processes: hence the ``__main__`` guard.
 """
 from __future__ import annotations
 
@@ -33,19 +36,28 @@ def run(spec: dict) -> dict:
     start_s = time.perf_counter() - t0
     params = SamplingParams(max_tokens=spec.get("max_tokens", 32), temperature=0.0, ignore_eos=True,
                             logprobs=spec.get("logprobs"), detokenize=False)
+    groups = [spec["prompts"]] if spec.get("batch") else [[ids] for ids in spec["prompts"]]
     results = []
-    for ids in spec["prompts"]:
+    for group in groups:
         t = time.perf_counter()
-        out = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
+        outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in group], params, use_tqdm=False)
         wall = time.perf_counter() - t
-        completion = out.outputs[0]
-        logprobs = [{str(tok): lp.logprob for tok, lp in step.items()} for step in completion.logprobs or []]
-        results.append({"tokens": list(completion.token_ids), "logprobs": logprobs,
-                        "kv_transfer_params": out.kv_transfer_params, "wall_s": wall})
+        for out in outs:
+            completion = out.outputs[0]
+            logprobs = [{str(tok): lp.logprob for tok, lp in step.items()} for step in completion.logprobs or []]
+            results.append({"tokens": list(completion.token_ids), "logprobs": logprobs,
+                            "kv_transfer_params": out.kv_transfer_params, "wall_s": wall})
     out = {"start_s": start_s, "results": results}
     if spec.get("inproc"):
-        connector = llm.llm_engine.engine_core.engine_core.scheduler.connector
-        out["outcomes_held"] = len(connector._scheduler._outcome)  # noqa: SLF001 - what the test is about
+        scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+        deadline = time.monotonic() + 120
+        while scheduler.has_requests() and time.monotonic() < deadline:  # finished requests held for their save
+            llm.llm_engine.step()
+            time.sleep(0.01)
+        out["outcomes_held"] = scheduler.connector._scheduler.outcomes_held()  # noqa: SLF001 - what tests check
+        out["requests_held"] = len(scheduler.requests)
+        pool = scheduler.kv_cache_manager.block_pool
+        out["free_blocks"], out["usable_blocks"] = pool.get_num_free_blocks(), pool.num_gpu_blocks - 1
     return out
 
 

@@ -16,7 +16,9 @@ worker side (worker.py); what they exchange is in common.py. The data's path:
                  vLLM's strides, or a refusal
                start_load_kv ──Store.load_into──▶ checked chunks written into vLLM's own blocks, layer-major, in the
                  background (or one copy from the store's RAM tier); trusted keys honoured, the ledger records it
-               wait_for_layer_load(layer) waits for that layer only; wait_for_save publishes prompts (Store.put)
+               wait_for_layer_load(layer) waits for that layer only; wait_for_save starts publishing prompts
+                 (Store.put) on a background thread; get_finished reports each save over, and vLLM, which held the
+                 request's blocks from request_finished on, frees them
                failures: the request's blocks are reported invalid -> vLLM recomputes them
     scheduler  update_connector_output / request_finished: outcomes returned as kv_transfer_params
 
@@ -132,13 +134,16 @@ class KvfastConnector(KVConnectorBase_V1):
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
                       **kwargs: Any) -> None:
-        # Nothing per layer: a prompt is published once its whole prefill is done, and its blocks stay
-        # allocated (and unchanged) until wait_for_save returns, so one gather there reads every layer.
+        # Nothing per layer: a prompt is published once its whole prefill is done, from its blocks, which vLLM
+        # holds until get_finished reports the save over, so one background gather reads every layer.
         return
 
     def wait_for_save(self) -> None:
         meta = self._connector_metadata
         self._worker.wait_for_save(meta if isinstance(meta, KvfastConnectorMetadata) else None)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return self._worker.get_finished(finished_req_ids)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.get_block_ids_with_load_errors()
