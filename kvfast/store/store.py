@@ -22,6 +22,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -53,6 +54,7 @@ from kvfast.trust.signing import PublicKeyLike, read_sidecar, sig_path, trusted_
 DEFAULT_RAM_BYTES = 1 << 30
 MIN_TENANT_SALT_BYTES = 16  # a guessable salt would let another party compute the tenant's keys
 PREFILL_PROVENANCE = "prefill"  # an entry this store computed itself with the model (Store.publish)
+_OPEN_READERS = 32  # documents whose open, validated reader is kept for the next load (file descriptors)
 _TOUCH_EVERY_S = 1.0  # how often an attach refreshes an entry's last-use time (its .kvf mtime) on disk
 
 
@@ -119,6 +121,8 @@ class Store:
         self._last_used: dict[StoreKey, float] = {}  # monotonic time of the last attach
         self._last_touched: dict[StoreKey, float] = {}  # ... and of the last os.utime of its file
         self._counters = StoreStats()
+        # path -> (its (inode, size, mtime) when opened, reader), least recently used first
+        self._readers: OrderedDict[Path, tuple[tuple[int, int, int], KvfReader]] = OrderedDict()
 
     @property
     def ram_budget(self) -> int:
@@ -266,6 +270,30 @@ class Store:
             return True
         kind, _, kid = entry.provenance.partition(":")
         return kind == "signed" and kid in self._trusted
+
+    def reader(self, entry: StoreEntry) -> KvfReader:
+        """The entry's file, open and validated (header, manifest, chunk index, token ids), kept open for the next
+        call: a serving engine checks and loads a document on every request, and parsing it each time is not the
+        copy. The file is stat'ed on each call; another file under the path (gc and a new put) is opened anew.
+
+        Raises:
+            FileNotFoundError: the file is gone. FormatError: it is not a valid .kvf file.
+        """
+        st = os.stat(entry.path)
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._mutex:
+            held = self._readers.get(entry.path)
+            if held is not None and held[0] == stamp:
+                self._readers.move_to_end(entry.path)
+                return held[1]
+        reader = open_kvf(entry.path)
+        with self._mutex:
+            # Dropped, not closed: a load may still read through it (a reader closes itself when unreferenced).
+            self._readers[entry.path] = (stamp, reader)
+            self._readers.move_to_end(entry.path)
+            while len(self._readers) > _OPEN_READERS:
+                self._readers.popitem(last=False)
+        return reader
 
     def check_trusted(self, entry: StoreEntry) -> None:
         """Raise :class:`SignatureError` unless this store may serve ``entry`` (its ``trusted_keys`` policy)."""
@@ -489,7 +517,7 @@ class Store:
                     self._served(entry, "disk", len(ids), key.fingerprint, time.perf_counter() - started,
                                  len(ids) * entry.bytes_per_token)
 
-        handle = load_into(entry.path, pages, block_ids, fingerprint=key.fingerprint, num_tokens=len(ids),
+        handle = load_into(self.reader(entry), pages, block_ids, fingerprint=key.fingerprint, num_tokens=len(ids),
                            token_ids=ids, verify=verify, blocking=blocking)
         handle.add_done_callback(record)
         return handle

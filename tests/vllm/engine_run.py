@@ -1,6 +1,8 @@
 """Run one vLLM engine on token-id prompts and write what it produced as JSON (a real process per engine).
 
     python tests/vllm/engine_run.py SPEC.json OUT.json
+    python tests/vllm/engine_run.py --serve SPEC.json      (bench/bench_vllm.py: prompts from stdin, one JSON
+                                                           list of ids a line; each reply a "RESULT {...}" line)
 
 SPEC: {"model": dir, "dtype": "float32", "kv": null or kv_transfer_config dict, "kv_cache_dtype": "auto",
        "prefix_caching": true, "max_num_batched_tokens": null (vLLM's default) or tokens per step,
@@ -21,11 +23,12 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 
-def run(spec: dict) -> dict:
+def start(spec: dict) -> tuple[Any, Any, float]:
+    """(the engine, its sampling parameters, seconds it took to start)."""
     from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
 
     t0 = time.perf_counter()
     llm = LLM(model=spec["model"], dtype=spec.get("dtype", "float32"), skip_tokenizer_init=True, seed=0,
@@ -33,21 +36,31 @@ def run(spec: dict) -> dict:
               kv_cache_dtype=spec.get("kv_cache_dtype", "auto"),
               enable_prefix_caching=spec.get("prefix_caching", True), enforce_eager=True,
               max_num_batched_tokens=spec.get("max_num_batched_tokens"))
-    start_s = time.perf_counter() - t0
     params = SamplingParams(max_tokens=spec.get("max_tokens", 32), temperature=0.0, ignore_eos=True,
                             logprobs=spec.get("logprobs"), detokenize=False)
-    groups = [spec["prompts"]] if spec.get("batch") else [[ids] for ids in spec["prompts"]]
+    return llm, params, time.perf_counter() - t0
+
+
+def generate(llm: Any, params: Any, group: list[list[int]]) -> list[dict]:
+    """Run ``group`` in one ``generate``: per prompt its tokens, log-probabilities, transfer params, wall time."""
+    from vllm.inputs import TokensPrompt
+
+    t = time.perf_counter()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in group], params, use_tqdm=False)
+    wall = time.perf_counter() - t
     results = []
-    for group in groups:
-        t = time.perf_counter()
-        outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in group], params, use_tqdm=False)
-        wall = time.perf_counter() - t
-        for out in outs:
-            completion = out.outputs[0]
-            logprobs = [{str(tok): lp.logprob for tok, lp in step.items()} for step in completion.logprobs or []]
-            results.append({"tokens": list(completion.token_ids), "logprobs": logprobs,
-                            "kv_transfer_params": out.kv_transfer_params, "wall_s": wall})
-    out = {"start_s": start_s, "results": results}
+    for out in outs:
+        completion = out.outputs[0]
+        logprobs = [{str(tok): lp.logprob for tok, lp in step.items()} for step in completion.logprobs or []]
+        results.append({"tokens": list(completion.token_ids), "logprobs": logprobs,
+                        "kv_transfer_params": out.kv_transfer_params, "wall_s": wall})
+    return results
+
+
+def run(spec: dict) -> dict:
+    llm, params, start_s = start(spec)
+    groups = [spec["prompts"]] if spec.get("batch") else [[ids] for ids in spec["prompts"]]
+    out = {"start_s": start_s, "results": [r for group in groups for r in generate(llm, params, group)]}
     if spec.get("inproc"):
         scheduler = llm.llm_engine.engine_core.engine_core.scheduler
         deadline = time.monotonic() + 120
@@ -61,12 +74,24 @@ def run(spec: dict) -> dict:
     return out
 
 
+def serve(spec: dict) -> None:
+    """Start the engine, then one prompt per stdin line until stdin closes; replies on stdout as RESULT lines."""
+    llm, params, start_s = start(spec)
+    print("RESULT " + json.dumps({"start_s": start_s}), flush=True)
+    for line in sys.stdin:
+        print("RESULT " + json.dumps(generate(llm, params, [json.loads(line)])[0]), flush=True)
+
+
 if __name__ == "__main__":
-    spec_path, out_path = sys.argv[1], sys.argv[2]
+    serving = sys.argv[1] == "--serve"
+    spec_path = sys.argv[2] if serving else sys.argv[1]
     with open(spec_path) as f:
         spec = json.load(f)
     if spec.get("inproc"):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    result = run(spec)
-    with open(out_path, "w") as f:
-        json.dump(result, f)
+    if serving:
+        serve(spec)
+    else:
+        result = run(spec)
+        with open(sys.argv[2], "w") as f:
+            json.dump(result, f)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from kvfast.cache.pages import KVPages
@@ -31,7 +32,7 @@ logger = logging.getLogger("vllm.kvfast.integrations.vllm")
 @dataclass
 class _Save:
     gathered: threading.Event = field(default_factory=threading.Event)  # the blocks may be reused from then on
-    done: Future | None = None  # result: the document key, or "failed: why"
+    done: Future = field(default_factory=Future)  # result: the document key, or "failed: why"
 
 
 class BackgroundSaver:
@@ -56,7 +57,10 @@ class BackgroundSaver:
         self._store = store
         self.pages: KVPages | None = None
         self.refused = "vLLM's KV caches were never registered"
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfast-save")
+        # A daemon thread: an engine shutting down does not wait for queued saves (each is atomic: a save cut
+        # short leaves no entry).
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="kvfast-save", daemon=True).start()
         self._saves: dict[str, _Save] = {}  # req id -> save, until reported finished
         self._finished: set[str] = set()  # req ids vLLM finished whose save is not reported yet
         self._outcomes: dict[str, str] = {}  # req id -> document key or "failed: ...", not yet reported
@@ -67,7 +71,11 @@ class BackgroundSaver:
         """Start publishing a request's prompt (its ``token_ids`` in ``block_ids``); returns at once."""
         save = _Save()
         self._saves[req_id] = save
-        save.done = self._pool.submit(self._run, req_id, save, token_ids, block_ids, fingerprint)
+        self._queue.put((req_id, save, token_ids, block_ids, fingerprint))
+
+    def _loop(self) -> None:
+        while (work := self._queue.get()) is not None:
+            work[1].done.set_result(self._run(*work))
 
     def _run(self, req_id: str, save: _Save, token_ids: list[int], block_ids: list[int], fingerprint: str) -> str:
         t0 = time.perf_counter()
@@ -118,6 +126,6 @@ class BackgroundSaver:
         """Saves not yet reported finished (running, or done for a request vLLM has not finished)."""
         return len(self._saves)
 
-    def close(self, wait: bool = True) -> None:
-        """Stop taking saves; with ``wait``, let the queued ones complete."""
-        self._pool.shutdown(wait=wait)
+    def close(self) -> None:
+        """Stop the thread after the saves already queued."""
+        self._queue.put(None)

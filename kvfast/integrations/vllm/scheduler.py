@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 from vllm.logger import init_logger
 
 from kvfast.errors import KvfastError
-from kvfast.format import open_kvf
 from kvfast.identity import document_key
 from kvfast.integrations.vllm.common import (
     DECLINE,
@@ -119,9 +118,9 @@ class KvfastScheduler:
         kv = self._spec.kv
         try:
             self._store.check_trusted(entry)
-            with open_kvf(entry.path) as reader:  # header, manifest and token ids: cheap, and checked before any plan
-                check_file(reader, (self._spec.num_layers, kv.num_kv_heads, kv.head_dim), kv.dtype,
-                           fingerprint=self._fingerprint, num_tokens=len(ids), token_ids=ids)
+            # header, manifest and token ids, checked before any plan; the parsed file is kept for the next request
+            check_file(self._store.reader(entry), (self._spec.num_layers, kv.num_kv_heads, kv.head_dim), kv.dtype,
+                       fingerprint=self._fingerprint, num_tokens=len(ids), token_ids=ids)
         except DECLINE as exc:
             return str(exc)
         return None

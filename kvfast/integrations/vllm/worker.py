@@ -111,10 +111,13 @@ class KvfastWorker:
                         load.req_id, load.num_tokens, handle.backend, handle.method, (time.perf_counter() - t0) * 1e3,
                         load.path)
         self._handles.clear()
-        if meta is None:
+        if meta is None or not meta.saves:
             return
+        t0 = time.perf_counter()
         for save in meta.saves:
             self._saver.submit(save.req_id, save.token_ids, save.block_ids, meta.fingerprint)
+        logger.info("kvfast: %d save(s) handed to the background; they held the step %.3f ms", len(meta.saves),
+                    (time.perf_counter() - t0) * 1e3)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """(requests whose save is over and which vLLM finished: it frees their blocks now, None): loads are
