@@ -121,7 +121,7 @@ class Store:
         self._last_used: dict[StoreKey, float] = {}  # monotonic time of the last attach
         self._last_touched: dict[StoreKey, float] = {}  # ... and of the last os.utime of its file
         self._counters = StoreStats()
-        # path -> (its (inode, size, mtime) when opened, reader), least recently used first
+        # path -> (its (device, inode, size) when opened, reader), least recently used first
         self._readers: OrderedDict[Path, tuple[tuple[int, int, int], KvfReader]] = OrderedDict()
 
     @property
@@ -274,13 +274,15 @@ class Store:
     def reader(self, entry: StoreEntry) -> KvfReader:
         """The entry's file, open and validated (header, manifest, chunk index, token ids), kept open for the next
         call: a serving engine checks and loads a document on every request, and parsing it each time is not the
-        copy. The file is stat'ed on each call; another file under the path (gc and a new put) is opened anew.
+        copy. The file is stat'ed on each call; another file under the path (gc and a new put: another inode) is
+        opened anew. Its times are not compared: serving a document refreshes its mtime (the disk tier's LRU
+        clock), and a published file is never written in place (a chunk altered anyway fails its checksum).
 
         Raises:
             FileNotFoundError: the file is gone. FormatError: it is not a valid .kvf file.
         """
         st = os.stat(entry.path)
-        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        stamp = (st.st_dev, st.st_ino, st.st_size)
         with self._mutex:
             held = self._readers.get(entry.path)
             if held is not None and held[0] == stamp:
