@@ -95,3 +95,17 @@ def test_vllm_cpu_layout_loads_natively_from_a_real_file(tmp_path) -> None:
             assert torch.equal(plane[layer][b, :, : block * dim].unflatten(-1, (dim, block))[:, :, o], k[layer][t])
             assert torch.equal(plane[layer][b, :, block * dim :].unflatten(-1, (block, dim))[:, o], v[layer][t])
         assert plane[layer][[0, 2]].abs().sum() == 0  # blocks the table does not name stay untouched
+
+
+def test_repeated_loads_into_one_engines_pages(tmp_path) -> None:
+    """An engine loads into the same pages on every request (the job's byte views of them are made once): each
+    load lands where its own block table says."""
+    pages = KVPages(*zip(*[(strided_pages(("d", "t", "h"), torch.bfloat16, 5)[0],
+                            strided_pages(("h", "t", "d"), torch.bfloat16, 3)[0]) for _ in range(LAYERS)]),
+                    layout="HND")
+    for n, table in ((2 * BLOCK, [3, 1]), (3 * BLOCK - 2, [0, 5, 2])):
+        path, k, v = document(tmp_path, torch.bfloat16, n)
+        assert kvfast.load_into(path, pages, table, fingerprint=FP).backend == "native"
+        for layer in range(LAYERS):
+            gk, gv = pages.gather(layer, table, n)
+            assert torch.equal(gk, k[layer]) and torch.equal(gv, v[layer])

@@ -12,6 +12,7 @@ and the binding boundary where native failures become kvfast's typed exceptions.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from kvfast.format import ChunkInfo, KvfReader
 
 PIECE_BYTES = 256 << 10  # bytes per read + checksum step, small enough to be checksummed from L2
 GPU_RING_SLOTS = 3  # pinned staging slots per worker: one being read, one in flight, one spare
+_DESTS: weakref.WeakKeyDictionary[KVPages, list[tuple[np.ndarray, np.ndarray]]] = weakref.WeakKeyDictionary()
 
 
 def _host_pages(pages: KVPages, tensor: torch.Tensor) -> np.ndarray:
@@ -52,7 +54,11 @@ class NativeJob:
     @staticmethod
     def _make(fd: int, chunks: np.ndarray, pages: KVPages, table: np.ndarray, n: int, verify: bool, threads: int,
               method: str) -> Any:
-        dests = [(_host_pages(pages, k), _host_pages(pages, v)) for k, v in zip(pages.keys, pages.values)]
+        # An engine loads into the same pages on every request: their byte views are made once.
+        dests = _DESTS.get(pages)
+        if dests is None:
+            dests = _DESTS[pages] = [(_host_pages(pages, k), _host_pages(pages, v))
+                                     for k, v in zip(pages.keys, pages.values)]
         return native.LoadJob(fd, chunks, dests, table, n, method=method, threads=threads, verify=verify,
                               piece_bytes=PIECE_BYTES)
 
