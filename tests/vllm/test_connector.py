@@ -9,8 +9,9 @@ One scenario runs every engine once (module fixture), the tests read its results
     C0  no connector               the same prompts: the token reference
     D   kv_consumer, fp8 KV cache  doc+q: vLLM's cache cannot take the stored KV, the connector must refuse it
     D0  no connector, fp8          doc+q: D's token reference
-    E   kv_consumer, store S       doc+q1, doc+q2 without vLLM's prefix cache: the first load from disk (read
-                                   through the store's RAM tier), the second from RAM; both in S's ledger
+    E   kv_consumer, store S,      doc+q1, doc+q2 without vLLM's prefix cache: the first load from disk (read
+        ram_bytes 1 GiB            through the store's RAM tier, off by default on CPU), the second from RAM;
+                                   both in S's ledger
     F   kv_consumer, store S       doc+q with trusted_keys: A's unsigned document is refused, vLLM prefills
     G   kv_both, "fail" policy     doc5 and doc2+q1 (A's corrupted doc2) three times, batched, engine core
                                    in-process: failed loads fail their requests while doc5's save runs in the
@@ -158,7 +159,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict:
     store_i = work / "store_i"
     shutil.copytree(store, store_i)  # I publishes what it prefills: into its own copy, so S's ledger stays E's
     engines |= _run_engines(work, {  # new questions: doc+q1 and doc+q2 both match A's doc (B stored doc+q)
-        "E": {**stepwise, "kv": _connector("kv_consumer", store), "prefix_caching": False,
+        "E": {**stepwise, "kv": _connector("kv_consumer", store, ram_bytes=1 << 30), "prefix_caching": False,
               "prompts": [doc + q1, doc + q2]},
         "F": {**stepwise, "kv": _connector("kv_consumer", store, trusted_keys=[str(work / "k.key.pub")]),
               "prompts": [doc + q]},

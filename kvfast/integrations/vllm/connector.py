@@ -32,7 +32,8 @@ Extra config (``kv_connector_extra_config``):
         folder with :func:`kvfast.checkpoint_fingerprint` in the served dtype.
     verify: check every chunk's CRC-32C while loading (default true).
     trusted_keys: Ed25519 public key files; when given, only documents signed by one of them are loaded.
-    ram_bytes: the store's host RAM tier in this worker (default the store's); 0 turns it off.
+    ram_bytes: the store's host RAM tier in this worker (default: the store's, and 0 when vLLM runs on CPU);
+        0 turns it off.
 """
 from __future__ import annotations
 
@@ -93,8 +94,13 @@ class KvfastConnector(KVConnectorBase_V1):
         if not root:
             raise ValueError("KvfastConnector: kv_connector_extra_config needs 'store': the kvfast store folder")
         trusted = tc.get_from_extra_config("trusted_keys", None)
-        store = Store(root, trusted_keys=trusted or None,
-                      ram_bytes=int(tc.get_from_extra_config("ram_bytes", DEFAULT_RAM_BYTES)))
+        ram_bytes = tc.get_from_extra_config("ram_bytes", None)
+        if ram_bytes is None:
+            # vLLM on CPU: the OS page cache already keeps a hot file in memory, and the native load from it is
+            # the one copy (layer by layer, any layout); a RAM tier would hold a second copy and add a strided
+            # torch copy per request (bench/RESULTS.md, "vLLM").
+            ram_bytes = 0 if vllm_config.device_config.device_type == "cpu" else DEFAULT_RAM_BYTES
+        store = Store(root, trusted_keys=trusted or None, ram_bytes=int(ram_bytes))
         disabled = unsupported_parallelism(vllm_config)
         self._scheduler: KvfastScheduler | None = None
         self._worker: KvfastWorker | None = None
