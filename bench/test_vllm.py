@@ -24,28 +24,35 @@ if importlib.util.find_spec("vllm") is None:
     pytest.skip("vLLM is not installed here (README: Serving with vLLM)", allow_module_level=True)
 
 from test_headline import median_seconds  # noqa: E402
-from bench_vllm import QUESTION, make_checkpoint, start_engines, wait_published  # noqa: E402
+from bench_vllm import engine_specs, publish, started, wait_published  # noqa: E402
+
+import kvfast  # noqa: E402
 
 SIZES = {"full": (28, 4096), "small": (2, 512)}  # layers, document tokens
 ROUNDS = 5
-VOCAB = 151_936
 
 
 @pytest.fixture(scope="module")
 def served(bench_size):
+    """The plain (+ prefix hit), example and kvfast consumer engines, and a prompt whose document each holds."""
+    import torch
+
+    from bench_vllm import QUESTION, make_checkpoint, tokens
+
     layers, size = SIZES[bench_size]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         make_checkpoint(workdir / "model", layers)
-        engines, fingerprint = start_engines(workdir, "0-1", size + 2 * QUESTION + 16)
+        fingerprint = kvfast.checkpoint_fingerprint(workdir / "model", dtype=torch.bfloat16)
+        specs = engine_specs(workdir, fingerprint, size + 2 * QUESTION + 16)
+        rng = random.Random(0)
+        engines = {name: started(name, specs[name], workdir, "0-1", rng) for name in ("plain", "example", "publisher")}
         try:
-            rng = random.Random(0)
-            doc = [rng.randrange(3, VOCAB) for _ in range(size)]
-            first = doc + [rng.randrange(3, VOCAB) for _ in range(QUESTION)]
-            for engine in engines.values():  # publish (connectors), warm the prefix cache (plain)
-                engine.run(first)
-            wait_published(workdir / "store", fingerprint, first)
-            yield engines, doc + [rng.randrange(3, VOCAB) for _ in range(QUESTION)]
+            doc, _ = publish(engines, size, rng)
+            wait_published(workdir / "store", fingerprint, doc)
+            engines.pop("publisher").close()
+            engines["kvfast"] = started("kvfast", specs["kvfast"], workdir, "0-1", rng)
+            yield engines, doc + tokens(rng, QUESTION)
         finally:
             for engine in engines.values():
                 engine.close()
