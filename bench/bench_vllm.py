@@ -71,17 +71,20 @@ class Engine:
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
                "VLLM_CPU_OMP_THREADS_BIND": cpus}
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
+        read, write = os.pipe()  # replies: vLLM's processes log to stdout and stderr, never here
         self._proc = subprocess.Popen(["taskset", "-c", cpus, sys.executable, str(ENGINE), "--serve",
-                                       str(workdir / f"{name}.json")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=self._log, text=True, env=env)
+                                       str(workdir / f"{name}.json"), str(write)], stdin=subprocess.PIPE,
+                                      stdout=self._log, stderr=subprocess.STDOUT, text=True, env=env,
+                                      pass_fds=(write,))
+        os.close(write)
+        self._replies = os.fdopen(read)
         self.start_s = self._reply()["start_s"]
 
     def _reply(self) -> dict:
-        for line in self._proc.stdout:  # vLLM logs to stdout too: those lines go to the log
-            if line.startswith("RESULT "):
-                return json.loads(line[7:])
-            self._log.write(line)
-        raise SystemExit(f"engine {self.name} exited ({self._proc.wait()}); log: {self.log_path}")
+        line = self._replies.readline()
+        if not line:
+            raise SystemExit(f"engine {self.name} exited ({self._proc.wait()}); log: {self.log_path}")
+        return json.loads(line)
 
     def run(self, ids: list[int]) -> dict:
         """One prompt, ``max_tokens=1``: ``{"tokens", "logprobs", "kv_transfer_params", "wall_s"}``."""
@@ -90,7 +93,6 @@ class Engine:
         return self._reply()
 
     def log(self) -> str:
-        self._log.flush()
         return self.log_path.read_text()
 
     def close(self) -> None:
@@ -100,6 +102,7 @@ class Engine:
         except subprocess.TimeoutExpired:
             self._proc.kill()
         self._log.close()
+        self._replies.close()
 
 
 def wait_published(store: Path, fingerprint: str, doc: list[int], timeout_s: float = 300) -> None:

@@ -1,8 +1,9 @@
 """Run one vLLM engine on token-id prompts and write what it produced as JSON (a real process per engine).
 
     python tests/vllm/engine_run.py SPEC.json OUT.json
-    python tests/vllm/engine_run.py --serve SPEC.json      (bench/bench_vllm.py: prompts from stdin, one JSON
-                                                           list of ids a line; each reply a "RESULT {...}" line)
+    python tests/vllm/engine_run.py --serve SPEC.json FD   (bench/bench_vllm.py: prompts from stdin, one JSON
+                                                           list of ids a line; each reply a JSON line on file
+                                                           descriptor FD, which vLLM's logging never writes)
 
 SPEC: {"model": dir, "dtype": "float32", "kv": null or kv_transfer_config dict, "kv_cache_dtype": "auto",
        "prefix_caching": true, "max_num_batched_tokens": null (vLLM's default) or tokens per step,
@@ -74,12 +75,13 @@ def run(spec: dict) -> dict:
     return out
 
 
-def serve(spec: dict) -> None:
-    """Start the engine, then one prompt per stdin line until stdin closes; replies on stdout as RESULT lines."""
+def serve(spec: dict, fd: int) -> None:
+    """Start the engine, then one prompt per stdin line until stdin closes; replies as JSON lines on ``fd``."""
+    replies = os.fdopen(fd, "w")
     llm, params, start_s = start(spec)
-    print("RESULT " + json.dumps({"start_s": start_s}), flush=True)
+    print(json.dumps({"start_s": start_s}), file=replies, flush=True)
     for line in sys.stdin:
-        print("RESULT " + json.dumps(generate(llm, params, [json.loads(line)])[0]), flush=True)
+        print(json.dumps(generate(llm, params, [json.loads(line)])[0]), file=replies, flush=True)
 
 
 if __name__ == "__main__":
@@ -90,7 +92,7 @@ if __name__ == "__main__":
     if spec.get("inproc"):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if serving:
-        serve(spec)
+        serve(spec, int(sys.argv[3]))
     else:
         result = run(spec)
         with open(sys.argv[2], "w") as f:
