@@ -41,15 +41,20 @@ struct PyLoadJob {
   }
 };
 
-// One destination page array: uint8 [num_blocks, block_size, H, head_bytes], any non-negative strides with a
-// contiguous last axis (what loader.py passes for NHD, or a permuted view for HND).
+// One destination page array: uint8 [num_blocks, block_size, H, head_bytes] with a contiguous last axis (what
+// loader.py passes for NHD, or a permuted view for HND), or uint8 [num_blocks, block_size, H, D, itemsize] with
+// a contiguous last axis and D at any stride (vLLM CPU's K); any non-negative strides otherwise. Every K array
+// must match the first K's layout, every V array the first V's; K and V only in shape.
 uint8_t* page_pointer(const py::handle& obj, kvfast::PagedLayout* layout, bool first, const std::string& what) {
   py::buffer buffer = py::reinterpret_borrow<py::buffer>(obj);
   py::buffer_info info = buffer.request(/*writable=*/true);
-  if (info.ndim != 4 || info.itemsize != 1 || info.format != py::format_descriptor<uint8_t>::format())
-    value_error(what + " must be a 4-d uint8 array [num_blocks, block_size, num_heads, head_bytes]");
-  if (info.strides[3] != 1) value_error(what + " must be contiguous along its last axis (head_bytes)");
-  for (int i = 0; i < 4; ++i) {
+  if ((info.ndim != 4 && info.ndim != 5) || info.itemsize != 1 ||
+      info.format != py::format_descriptor<uint8_t>::format())
+    value_error(what + " must be a uint8 array [num_blocks, block_size, num_heads, head_bytes] or [num_blocks, "
+                "block_size, num_heads, head_dim, itemsize]");
+  const py::ssize_t last = info.ndim - 1;
+  if (info.strides[last] != 1) value_error(what + " must be contiguous along its last axis");
+  for (py::ssize_t i = 0; i <= last; ++i) {
     if (info.shape[i] < 1) value_error(what + " has an empty axis");
     if (info.strides[i] < 0) value_error(what + " has a negative stride");
   }
@@ -57,17 +62,24 @@ uint8_t* page_pointer(const py::handle& obj, kvfast::PagedLayout* layout, bool f
   here.num_blocks = info.shape[0];
   here.block_size = info.shape[1];
   here.num_heads = info.shape[2];
-  here.head_bytes = info.shape[3];
+  here.head_bytes = info.ndim == 4 ? info.shape[3] : info.shape[3] * info.shape[4];
   here.block_stride = info.strides[0];
   here.token_stride = info.strides[1];
   here.head_stride = info.strides[2];
+  if (info.ndim == 5 && info.shape[3] > 1 && info.strides[3] != info.shape[4]) {  // else the head row is contiguous
+    if (info.shape[4] != 2 && info.shape[4] != 4 && info.shape[4] != 8)
+      value_error(what + ": itemsize must be 2, 4 or 8 bytes");
+    here.elem_bytes = info.shape[4];
+    here.elem_stride = info.strides[3];
+  }
   if (first) {
     *layout = here;
   } else if (here.num_blocks != layout->num_blocks || here.block_size != layout->block_size ||
              here.num_heads != layout->num_heads || here.head_bytes != layout->head_bytes ||
              here.block_stride != layout->block_stride || here.token_stride != layout->token_stride ||
-             here.head_stride != layout->head_stride) {
-    value_error(what + " differs in shape or strides from the first destination");
+             here.head_stride != layout->head_stride || here.elem_bytes != layout->elem_bytes ||
+             here.elem_stride != layout->elem_stride) {
+    value_error(what + " differs in shape or strides from the same pages (K or V) of layer 0");
   }
   return static_cast<uint8_t*>(info.ptr);
 }
@@ -87,8 +99,8 @@ std::unique_ptr<PyLoadJob> make_job(int fd, py::array_t<int64_t, py::array::c_st
   options.verify = verify;
   options.piece_bytes = piece_bytes;
 
-  // destinations: [(K pages, V pages)] per layer, all of one geometry
-  kvfast::PagedLayout layout;
+  // destinations: [(K pages, V pages)] per layer, all K of one geometry, all V of one geometry
+  kvfast::PageLayouts layouts;
   std::vector<kvfast::LayerDest> layer_dests;
   const size_t num_layers = py::len(dests);
   if (num_layers < 1) value_error("dests must name at least one layer");
@@ -98,12 +110,17 @@ std::unique_ptr<PyLoadJob> make_job(int fd, py::array_t<int64_t, py::array::c_st
     kvfast::LayerDest d;
     for (int kv = 0; kv < 2; ++kv) {
       py::object pages = pair[kv];
-      d.pages[kv] = page_pointer(pages, &layout, l == 0 && kv == 0,
+      d.pages[kv] = page_pointer(pages, &layouts[kv], l == 0,
                                  "dests[" + std::to_string(l) + "][" + std::to_string(kv) + "]");
       result->keep_alive.push_back(pages);
     }
     layer_dests.push_back(d);
   }
+  const kvfast::PagedLayout& layout = layouts[0];
+  const kvfast::PagedLayout& v = layouts[1];
+  if (v.num_blocks != layout.num_blocks || v.block_size != layout.block_size || v.num_heads != layout.num_heads ||
+      v.head_bytes != layout.head_bytes)
+    value_error("dests: V pages differ in shape from K pages");
 
   // block table and plan: the same checks as kvfast._C_cuda's (load_plan.h)
   if (block_table.ndim() != 1) value_error("block_table must be 1-d");
@@ -120,7 +137,7 @@ std::unique_ptr<PyLoadJob> make_job(int fd, py::array_t<int64_t, py::array::c_st
   result->method = method;
   result->threads = std::min<int>(threads, static_cast<int>(plan.size()));
   try {
-    result->job = std::make_unique<kvfast::LoadJob>(fd, std::move(plan), layout, std::move(layer_dests),
+    result->job = std::make_unique<kvfast::LoadJob>(fd, std::move(plan), layouts, std::move(layer_dests),
                                                     std::move(table), num_tokens, options);
   } catch (const kvfast::SourceError& e) {
     PyErr_SetObject(PyExc_OSError, py::make_tuple(e.status.err, e.status.detail).ptr());

@@ -6,7 +6,12 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <new>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "stream_copy.h"
 
@@ -35,11 +40,11 @@ uint64_t round_up(uint64_t n, uint64_t a) { return (n + a - 1) / a * a; }
 // ==========================================================================================================
 // setup and teardown
 // ==========================================================================================================
-LoadJob::LoadJob(int fd, std::vector<ChunkSpec> plan, PagedLayout layout, std::vector<LayerDest> dests,
+LoadJob::LoadJob(int fd, std::vector<ChunkSpec> plan, PageLayouts layouts, std::vector<LayerDest> dests,
                  std::vector<int64_t> block_table, int64_t num_tokens, LoadOptions options,
                  std::shared_ptr<ChunkSink> sink)
     : plan_(std::move(plan)),
-      layout_(layout),
+      layouts_(layouts),
       dests_(std::move(dests)),
       block_table_(std::move(block_table)),
       num_tokens_(num_tokens),
@@ -66,8 +71,8 @@ LoadJob::LoadJob(int fd, std::vector<ChunkSpec> plan, PagedLayout layout, std::v
   const int iov_count = max_iov();
   for (WorkerScratch& w : scratch_) {
     if (!sink_) {  // a sink brings its own staging
-      const uint64_t staging_bytes = round_up(static_cast<uint64_t>(staging_rows(layout_.row_bytes()) *
-                                                                    layout_.row_bytes()), 4096);
+      const uint64_t staging_bytes = round_up(static_cast<uint64_t>(staging_rows(layouts_[0].row_bytes()) *
+                                                                    layouts_[0].row_bytes()), 4096);
       w.staging = static_cast<uint8_t*>(std::aligned_alloc(4096, staging_bytes));
     }
     if ((!sink_ && !w.staging) || !source_->alloc_scratch(&w.source)) {
@@ -120,7 +125,8 @@ void LoadJob::worker(WorkerScratch* w) {
     if (s.ok() && sink_) {
       s = sink_->load(c, static_cast<int>(w - scratch_.data()), *source_, &w->source);
     } else if (s.ok()) {
-      s = (layout_.rows_contiguous() && c.stop <= num_tokens_) ? load_direct(c, w) : load_staged(c, w);
+      const bool direct = layouts_[0].rows_contiguous() && layouts_[1].rows_contiguous() && c.stop <= num_tokens_;
+      s = direct ? load_direct(c, w) : load_staged(c, w);
     }
     if (s.ok()) s = chunk_done(c.layer);
     if (!s.ok()) fail(pos, std::move(s));
@@ -136,8 +142,8 @@ void LoadJob::worker(WorkerScratch* w) {
 // (block_table gives each run's block), then V's; pieces of piece_bytes go to one read() each and are
 // checksummed right away, in file order, so the CRC continues exactly as the file's (K then V).
 Status LoadJob::load_direct(const ChunkSpec& c, WorkerScratch* w) {
-  const int64_t bs = layout_.block_size;
-  const uint64_t row = static_cast<uint64_t>(layout_.row_bytes());
+  const int64_t bs = layouts_[0].block_size;
+  const uint64_t row = static_cast<uint64_t>(layouts_[0].row_bytes());
   const uint64_t piece_bytes = options_.piece_bytes;
   const int iov_cap = static_cast<int>(w->iov.size());
   iovec* iov = w->iov.data();
@@ -157,10 +163,11 @@ Status LoadJob::load_direct(const ChunkSpec& c, WorkerScratch* w) {
 
   for (int kv = 0; kv < 2; ++kv) {
     uint8_t* pages = dests_[c.layer].pages[kv];
+    const PagedLayout& layout = layouts_[kv];
     for (int64_t t = c.start; t < c.stop;) {
       const int64_t block_offset = t % bs;
       const int64_t run = std::min(bs - block_offset, c.stop - t);
-      uint8_t* dst = pages + block_table_[t / bs] * layout_.block_stride + block_offset * layout_.token_stride;
+      uint8_t* dst = pages + block_table_[t / bs] * layout.block_stride + block_offset * layout.token_stride;
       uint64_t left = static_cast<uint64_t>(run) * row;
       while (left > 0) {  // a run longer than what is left of the piece is split across pieces
         const uint64_t take = std::min(left, piece_bytes - piece);
@@ -186,10 +193,11 @@ Status LoadJob::load_direct(const ChunkSpec& c, WorkerScratch* w) {
 
 // Staged: whole token rows (K rows, then V rows) land in the worker's staging buffer a piece at a time; each
 // piece is checksummed there and its rows below num_tokens scattered into the pages at the layout's strides,
-// while it is still in L2. The pages are written with streaming stores, fenced once at the end.
+// a run of tokens of one block at a time, while it is still in L2. Contiguous head rows are written with
+// streaming stores, fenced once at the end.
 Status LoadJob::load_staged(const ChunkSpec& c, WorkerScratch* w) {
-  const int64_t bs = layout_.block_size;
-  const int64_t row = layout_.row_bytes();
+  const int64_t bs = layouts_[0].block_size;
+  const int64_t row = layouts_[0].row_bytes();
   const int64_t tokens = c.stop - c.start;
   const int64_t rows_per_piece = staging_rows(row);
   uint32_t crc = 0;
@@ -200,25 +208,139 @@ Status LoadJob::load_staged(const ChunkSpec& c, WorkerScratch* w) {
     Status s = source_->read(c.offset + static_cast<uint64_t>(r0 * row), &piece, 1, bytes, &w->source,
                              options_.verify ? &crc : nullptr, false);
     if (!s.ok()) return s;
-    for (int64_t r = r0; r < r0 + rows; ++r) {
+    const int64_t end = r0 + rows;
+    for (int64_t r = r0; r < end;) {
       const int kv = r < tokens ? 0 : 1;
-      const int64_t t = c.start + (kv ? r - tokens : r);
-      if (t >= num_tokens_) continue;  // a prefix load's last chunk: read for its checksum, not stored
-      uint8_t* dst = dests_[c.layer].pages[kv] + block_table_[t / bs] * layout_.block_stride +
-                     (t % bs) * layout_.token_stride;
-      const uint8_t* token = w->staging + (r - r0) * row;
-      if (layout_.head_stride == layout_.head_bytes) {
-        stream_copy(dst, token, static_cast<size_t>(row));
-      } else {
-        for (int64_t h = 0; h < layout_.num_heads; ++h)
-          stream_copy(dst + h * layout_.head_stride, token + h * layout_.head_bytes,
-                      static_cast<size_t>(layout_.head_bytes));
+      const int64_t first = kv ? tokens : 0;  // row of the chunk's first token in this half (K or V)
+      const int64_t half_end = std::min(end, first + tokens);
+      const int64_t t = c.start + (r - first);
+      const int64_t stored = std::min(half_end - r, num_tokens_ - t);
+      if (stored <= 0) {  // a prefix load's last chunk: read for its checksum, not stored
+        r = half_end;
+        continue;
       }
+      const int64_t run = std::min(stored, bs - t % bs);
+      scatter_rows(kv, dests_[c.layer].pages[kv] + block_table_[t / bs] * layouts_[kv].block_stride +
+                           (t % bs) * layouts_[kv].token_stride,
+                   w->staging + (r - r0) * row, run);
+      r += run;
     }
   }
   stream_fence();
   if (options_.verify && crc != c.crc32c) return {ErrorKind::kChecksum, 0, c.offset, "checksum mismatch"};
   return {};
+}
+
+namespace {
+
+// Transposed heads (vLLM CPU's K: each block's head plane is [D, block_size], tokens contiguous) are written in
+// square tiles of one 16-byte vector per side: W staged token rows are loaded, transposed in registers and stored
+// as W runs of tokens, one per element of D. An element at a time, the staged reads -- one per token, rows apart
+// by a power of two -- fall into the same few L1 sets and miss there; the tiles read 16 bytes of each row at once.
+#if defined(__SSE2__)
+constexpr bool kVectorTiles = true;
+
+// W x W elements: `from` rows `from_stride` bytes apart (a token's elements) -> `to` rows `to_stride` apart (an
+// element's tokens); W = 16 / sizeof(T).
+template <class T>
+void transpose_tile(uint8_t* to, int64_t to_stride, const uint8_t* from, int64_t from_stride) {
+  auto load = [&](int i) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(from + i * from_stride)); };
+  auto store = [&](int i, __m128i x) { _mm_storeu_si128(reinterpret_cast<__m128i*>(to + i * to_stride), x); };
+  if constexpr (sizeof(T) == 2) {
+    __m128i a[8], b[8];
+    for (int i = 0; i < 4; ++i) {  // pairs of rows, interleaved by 16 bits
+      a[2 * i] = _mm_unpacklo_epi16(load(2 * i), load(2 * i + 1));
+      a[2 * i + 1] = _mm_unpackhi_epi16(load(2 * i), load(2 * i + 1));
+    }
+    for (int i = 0; i < 2; ++i) {  // then quads, by 32 bits: b[4i + c/2] holds columns c, c+1 of rows 4i..4i+3
+      b[4 * i] = _mm_unpacklo_epi32(a[4 * i], a[4 * i + 2]);
+      b[4 * i + 1] = _mm_unpackhi_epi32(a[4 * i], a[4 * i + 2]);
+      b[4 * i + 2] = _mm_unpacklo_epi32(a[4 * i + 1], a[4 * i + 3]);
+      b[4 * i + 3] = _mm_unpackhi_epi32(a[4 * i + 1], a[4 * i + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {  // then the two halves of each column, by 64 bits
+      store(2 * c, _mm_unpacklo_epi64(b[c], b[4 + c]));
+      store(2 * c + 1, _mm_unpackhi_epi64(b[c], b[4 + c]));
+    }
+  } else {
+    static_assert(sizeof(T) == 4, "tiles of 2- or 4-byte elements");
+    const __m128i a0 = _mm_unpacklo_epi32(load(0), load(1)), a1 = _mm_unpackhi_epi32(load(0), load(1));
+    const __m128i a2 = _mm_unpacklo_epi32(load(2), load(3)), a3 = _mm_unpackhi_epi32(load(2), load(3));
+    store(0, _mm_unpacklo_epi64(a0, a2));
+    store(1, _mm_unpackhi_epi64(a0, a2));
+    store(2, _mm_unpacklo_epi64(a1, a3));
+    store(3, _mm_unpackhi_epi64(a1, a3));
+  }
+}
+#else
+constexpr bool kVectorTiles = false;
+template <class T>
+void transpose_tile(uint8_t*, int64_t, const uint8_t*, int64_t) {}
+#endif
+
+// One head's D elements of `run` tokens, from staged rows (`row` bytes apart, elements packed) to a head whose
+// elements lie `es` bytes apart and tokens `ts` apart. Otherwise, the loop over the destination's smaller stride
+// is innermost, so stores move forward through memory.
+template <class T>
+void scatter_head(uint8_t* dst, const uint8_t* src, int64_t run, int64_t row, int64_t dims, int64_t ts,
+                  int64_t es) {
+  constexpr int64_t item = sizeof(T);
+  auto copy = [&](int64_t i, int64_t e) {
+    T x;
+    std::memcpy(&x, src + i * row + e * item, sizeof(T));
+    std::memcpy(dst + i * ts + e * es, &x, sizeof(T));
+  };
+  if (es > ts) {  // tokens innermost in memory
+    int64_t tiled_tokens = 0, tiled_dims = 0;
+    if constexpr (kVectorTiles && item <= 4) {
+      constexpr int64_t w = 16 / item;
+      if (ts == item) {
+        tiled_tokens = run / w * w;
+        tiled_dims = dims / w * w;
+        for (int64_t i = 0; i < tiled_tokens; i += w)
+          for (int64_t e = 0; e < tiled_dims; e += w)
+            transpose_tile<T>(dst + e * es + i * item, es, src + i * row + e * item, row);
+      }
+    }
+    for (int64_t e = 0; e < dims; ++e)  // what the tiles left: the last dims, then the last tokens
+      for (int64_t i = e < tiled_dims ? tiled_tokens : 0; i < run; ++i) copy(i, e);
+  } else {
+    for (int64_t i = 0; i < run; ++i)
+      for (int64_t e = 0; e < dims; ++e) copy(i, e);
+  }
+}
+
+}  // namespace
+
+void LoadJob::scatter_rows(int kv, uint8_t* dst, const uint8_t* rows, int64_t run) const {
+  const PagedLayout& l = layouts_[kv];
+  const int64_t row = l.row_bytes();
+  if (l.head_contiguous()) {
+    for (int64_t i = 0; i < run; ++i, dst += l.token_stride, rows += row) {
+      if (l.head_stride == l.head_bytes) {
+        stream_copy(dst, rows, static_cast<size_t>(row));
+      } else {
+        for (int64_t h = 0; h < l.num_heads; ++h)
+          stream_copy(dst + h * l.head_stride, rows + h * l.head_bytes, static_cast<size_t>(l.head_bytes));
+      }
+    }
+    return;
+  }
+  const int64_t dims = l.head_bytes / l.elem_bytes;
+  for (int64_t h = 0; h < l.num_heads; ++h) {
+    uint8_t* d = dst + h * l.head_stride;
+    const uint8_t* s = rows + h * l.head_bytes;
+    switch (l.elem_bytes) {  // the binding admits these widths only
+      case 2:
+        scatter_head<uint16_t>(d, s, run, row, dims, l.token_stride, l.elem_stride);
+        break;
+      case 4:
+        scatter_head<uint32_t>(d, s, run, row, dims, l.token_stride, l.elem_stride);
+        break;
+      default:
+        scatter_head<uint64_t>(d, s, run, row, dims, l.token_stride, l.elem_stride);
+    }
+  }
 }
 
 int64_t LoadJob::staging_rows(int64_t row) const {

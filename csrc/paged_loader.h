@@ -2,16 +2,18 @@
 // cache's blocks, checksumming each piece right after it lands, and signals each layer as it completes.
 //
 //   chunk c (layer l, tokens [a, b)) in the file:   K [b-a, H, D] | V [b-a, H, D]        (docs/FORMAT.md §6)
-//   destination (one per layer and K/V):             pages [num_blocks, block_size, H, D] at byte strides
+//   destination (one per layer and K/V):             pages [num_blocks, block_size, H, D] at byte strides,
+//                                                    D's elements contiguous or themselves strided
 //   token t goes to block block_table[t / block_size], row t % block_size.
 //
 // Two ways through a chunk:
 //   direct   pages whose token rows are contiguous (NHD): K rows of a chunk are runs of up to block_size
 //            tokens inside blocks, so one preadv per piece with iovecs pointing into the blocks does the only
 //            copy, page cache -> cache; the checksum then runs over those destination bytes, still in L2.
-//   staged   any other page layout (HND, strided views) and a prefix load's last, partly used chunk: pieces
-//            of whole token rows go into the worker's staging buffer, are checksummed there and scattered into
-//            the pages while still in L2.
+//   staged   any other page layout (HND, strided views, D strided as in vLLM CPU's K, which keeps each
+//            block's head plane as [D, block_size]) and a prefix load's last, partly used chunk: pieces of whole
+//            token rows go into the worker's staging buffer, are checksummed there and scattered into the pages
+//            while still in L2.
 //
 // Validation happens once, in the binding glue (bindings.cpp) and the Python caller: the job assumes its plan
 // and destinations are consistent, and only has to survive the file changing underneath it.
@@ -19,6 +21,7 @@
 // A GPU destination plugs in as a ChunkSink (csrc/cuda/gpu_sink.h): the same workers, plan, failure handling
 // and per-layer counters, with each chunk read into a pinned staging slot and handed to a CUDA stream.
 #pragma once
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -44,7 +47,8 @@ struct ChunkSpec {
   uint32_t crc32c;  // of the stored bytes, K then V
 };
 
-// The geometry shared by every destination page array. Byte strides; one head row (head_bytes) is contiguous.
+// The geometry shared by every destination page array. Byte strides. A head row (head_bytes) is contiguous unless
+// elem_bytes says otherwise.
 struct PagedLayout {
   int64_t num_blocks = 0;
   int64_t block_size = 0;  // tokens per block
@@ -53,16 +57,26 @@ struct PagedLayout {
   int64_t block_stride = 0;
   int64_t token_stride = 0;
   int64_t head_stride = 0;
+  // A head row's D elements of elem_bytes each lie elem_stride bytes apart. elem_bytes 0 (the default, and what
+  // the binding stores whenever elem_stride == elem_bytes) means the row is contiguous: the GPU sinks need that.
+  int64_t elem_bytes = 0;
+  int64_t elem_stride = 0;
 
   int64_t row_bytes() const { return num_heads * head_bytes; }  // one token of K (or V) in the file
+  bool head_contiguous() const { return elem_bytes == 0; }
   // NHD pages: a run of tokens within one block is one contiguous range of bytes.
-  bool rows_contiguous() const { return head_stride == head_bytes && token_stride == row_bytes(); }
+  bool rows_contiguous() const {
+    return head_contiguous() && head_stride == head_bytes && token_stride == row_bytes();
+  }
 };
 
-// Where one layer goes: K pages and V pages, each laid out as PagedLayout says.
+// Where one layer goes: K pages and V pages, each laid out as its PagedLayout says.
 struct LayerDest {
-  uint8_t* pages[2];  // [0] K, [1] V: [num_blocks, block_size, H, head_bytes] at the layout's strides
+  uint8_t* pages[2];  // [0] K, [1] V: [num_blocks, block_size, H, head_bytes] at the layouts' strides
 };
+
+// K's layout and V's: the same shape, each its own strides (vLLM CPU keeps K transposed inside a block, not V).
+using PageLayouts = std::array<PagedLayout, 2>;
 
 struct LoadOptions {
   Method method = Method::kPreadv;
@@ -102,12 +116,12 @@ class ChunkSink {
 class LoadJob {
  public:
   // fd: an open .kvf file (the job uses its own duplicate). plan: the chunks to load, in file order (layer-
-  // major). dests: [num_layers]. block_table: [>= ceil(num_tokens / block_size)] block ids. Tokens
+  // major). layouts: of every layer's K pages and V pages (shapes equal). dests: [num_layers]. block_table: [>= ceil(num_tokens / block_size)] block ids. Tokens
   // [0, num_tokens) are loaded; a chunk's tokens at or past num_tokens are read (to check its checksum) but
   // not stored. Throws SourceError when the file cannot be opened with the method, std::bad_alloc or
   // std::system_error when buffers or threads cannot be had. With a sink, the sink writes each chunk (`dests`
   // then only sizes the layer count) and the job's workers are numbered 0.. for it.
-  LoadJob(int fd, std::vector<ChunkSpec> plan, PagedLayout layout, std::vector<LayerDest> dests,
+  LoadJob(int fd, std::vector<ChunkSpec> plan, PageLayouts layouts, std::vector<LayerDest> dests,
           std::vector<int64_t> block_table, int64_t num_tokens, LoadOptions options,
           std::shared_ptr<ChunkSink> sink = nullptr);
   ~LoadJob();
@@ -127,13 +141,16 @@ class LoadJob {
   void worker(WorkerScratch* w);
   Status load_direct(const ChunkSpec& c, WorkerScratch* w);
   Status load_staged(const ChunkSpec& c, WorkerScratch* w);
+  // `run` staged token rows (consecutive tokens of one block, all K or all V as `kv` says) into that block, from
+  // token row `dst` on.
+  void scatter_rows(int kv, uint8_t* dst, const uint8_t* rows, int64_t run) const;
   int64_t staging_rows(int64_t row_bytes) const;  // token rows per staged piece: piece_bytes of them, >= 1
   void fail(int64_t plan_pos, Status s);
   Status chunk_done(int64_t layer);
   void release_scratch();
 
   std::vector<ChunkSpec> plan_;
-  PagedLayout layout_;
+  PageLayouts layouts_;  // [0] K, [1] V
   std::vector<LayerDest> dests_;
   std::vector<int64_t> block_table_;
   int64_t num_tokens_;

@@ -36,8 +36,10 @@ class LoadJob:
         chunks: ``[n, 7]`` int64 rows ``(index, layer, start, stop, offset, length, crc32c)`` in file order,
             each chunk holding K then V ``[stop - start, H, head_bytes]``.
         dests: per layer ``(K pages, V pages)``, each a writable uint8 array
-            ``[num_blocks, block_size, H, head_bytes]`` with any non-negative strides and a contiguous last axis
-            (NHD pages as they are; HND pages as a ``permute(0, 2, 1, 3)`` view). All of one shape and strides.
+            ``[num_blocks, block_size, H, head_bytes]``, or ``[num_blocks, block_size, H, head_dim, itemsize]``
+            (itemsize 2, 4 or 8) whose ``head_dim`` axis may be strided, with any non-negative strides and a
+            contiguous last axis (NHD pages as they are; HND pages as a ``permute(0, 2, 1, 3)`` view). All of one
+            shape; every layer's K with layer 0's K strides, every V with layer 0's V strides.
         block_table: ``[>= ceil(num_tokens / block_size)]`` int64 block ids; token ``t`` goes to block
             ``block_table[t // block_size]``, row ``t % block_size``.
         num_tokens: tokens ``[0, num_tokens)`` are stored; a chunk's later tokens are read and checked only.

@@ -105,6 +105,28 @@ def test_put_get_list_remove(tmp_path):
     assert [e.key for e in kvfast.Store(tmp_path / "root").list()] == [eb.key]
 
 
+def test_readers_are_kept_open_until_their_file_changes(tmp_path):
+    """A serving engine checks and loads a document per request: the parsed file is reused while it is the same
+    file, and a file put again under the path (removed, then published anew) is opened anew."""
+    store = kvfast.Store(tmp_path / "root")
+    ids = random_ids(100, seed=1)
+    entry = put_fake(store, ids)
+    reader = store.reader(entry)
+    assert store.reader(entry) is reader and reader.token_ids.tolist() == ids
+    store.remove(entry.key)
+    with pytest.raises(FileNotFoundError):
+        store.reader(entry)
+    again = put_fake(store, ids, chunk_tokens=32)  # the same key, another file
+    fresh = store.reader(again)
+    assert fresh is not reader and len(fresh.chunks) == 2 * len(reader.chunks)
+    pages = kvfast.KVPages([torch.zeros(8, 16, HEADS, HEAD_DIM) for _ in range(LAYERS)],
+                           [torch.zeros(8, 16, HEADS, HEAD_DIM) for _ in range(LAYERS)])
+    store.load_into(again.key, pages, list(range(7)), ids)  # loads through the kept reader, which stays open
+    assert store.reader(again) is fresh and fresh.token_ids.tolist() == ids
+    keys, _ = fake_kv(ids)
+    assert torch.equal(pages.gather(1, list(range(7)), 100)[0], keys[1])
+
+
 def test_duplicate_publish_is_a_no_op(tmp_path):
     store = kvfast.Store(tmp_path / "root")
     ids = random_ids(200, seed=3)

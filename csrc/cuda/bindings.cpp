@@ -169,7 +169,8 @@ std::unique_ptr<PyGpuLoadJob> make_gpu_job(int fd, Int64Array chunks, std::vecto
       value_error(e.what());
     }
     try {
-      result->job = std::make_unique<kvfast::LoadJob>(fd, std::move(plan), layout, std::move(dests), std::move(table),
+      result->job = std::make_unique<kvfast::LoadJob>(fd, std::move(plan), kvfast::PageLayouts{layout, layout},
+                                                      std::move(dests), std::move(table),
                                                       num_tokens, options, result->sink);
     } catch (const kvfast::SourceError& e) {
       py::gil_scoped_acquire acquire;

@@ -30,8 +30,8 @@ class KVPages:
     Args:
         keys, values: one tensor per layer, each ``[num_blocks, block_size, H, D]`` (``"NHD"``) or
             ``[num_blocks, H, block_size, D]`` (``"HND"``), all of one shape, dtype and device; any strides (the
-            native loaders need each row of ``D`` elements contiguous, and fall back to the reference path
-            otherwise).
+            native host loader takes any; the CUDA one needs each row of ``D`` elements contiguous, and falls back
+            to the reference path otherwise).
         layout: ``"NHD"`` or ``"HND"``.
 
     Example:
@@ -73,7 +73,8 @@ class KVPages:
         return pages.permute(0, 2, 1, 3) if self.layout == "HND" else pages
 
     def rows_contiguous(self) -> bool:
-        """Whether every page tensor keeps each token's ``D`` elements contiguous (what the native loaders copy)."""
+        """Whether every page tensor keeps each token's ``D`` elements contiguous (what the native GPU loader
+        copies)."""
         return all(t.stride(-1) == 1 for t in (*self.keys, *self.values))
 
     def blocks_for(self, num_tokens: int) -> int:

@@ -2,9 +2,9 @@
 
 Every check that can refuse a file (kvfast.loader.compat, the block ids, a signature) runs before the first byte is
 written, and a failure while copying gives back what the load allocated. The path is chosen in one place
-(:func:`_choose`): the native job for host or CUDA pages when the extension is built and each row of ``D`` elements
-is contiguous, else the reference; coded files (``codec`` other than ``"raw"``, docs/FORMAT.md §7.1) take the
-reference job's loop with a decode step (``method="decode"``).
+(:func:`choose_path`): the native job when the extension is built, for host pages of any strides and for CUDA pages
+whose rows of ``D`` elements are contiguous, else the reference; coded files (``codec`` other than ``"raw"``,
+docs/FORMAT.md §7.1) take the reference job's loop with a decode step (``method="decode"``).
 """
 from __future__ import annotations
 
@@ -226,7 +226,7 @@ def _run(reader: KvfReader, owned: bool, pages: KVPages, table: np.ndarray, n: i
     leaves: dict[int, bytes] | None = None if signed is None else {}
     close_reader = owned and signed is None  # a signed load's check reads the chunks that were not loaded
     try:
-        backend, method = _choose(backend, method, pages)
+        backend, method = choose_path(pages, backend, method)
         if threads is None:
             threads = DEFAULT_STREAM_THREADS if isinstance(reader, RemoteReader) else DEFAULT_THREADS
         if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 256:
@@ -263,8 +263,19 @@ def _run(reader: KvfReader, owned: bool, pages: KVPages, table: np.ndarray, n: i
         raise
 
 
-def _choose(backend: str, method: str, pages: KVPages) -> tuple[str, str]:
-    """(backend, method) to run: the one place the load path is decided."""
+def choose_path(pages: KVPages, backend: str = "auto", method: str = "auto") -> tuple[str, str]:
+    """The ``(backend, method)`` a load into ``pages`` runs: the one place the load path is decided (a serving
+    engine logs it once, when it registers its pages).
+
+    Raises:
+        ValueError: ``backend`` or ``method`` unknown, or not possible for these pages.
+        RuntimeError: ``backend="native"`` and the extension for the pages' device is not built.
+
+    Example:
+        >>> pages = KVPages([torch.zeros(4, 2, 16, 8).transpose(2, 3)], [torch.zeros(4, 2, 16, 8)], layout="HND")
+        >>> choose_path(pages)  # doctest: +SKIP
+        ('native', 'preadv')
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if method not in METHODS:
@@ -280,13 +291,15 @@ def _choose(backend: str, method: str, pages: KVPages) -> tuple[str, str]:
         raise RuntimeError(f"backend='native' for pages on {pages.device} needs the extension "
                            f"{'kvfast._C_cuda (built when nvcc is found)' if kind == 'cuda' else 'kvfast._C'}, "
                            "which is not built; reinstall with KVFAST_REQUIRE_NATIVE=1 to see why")
-    if backend == "native" and not pages.rows_contiguous():
-        raise ValueError("backend='native' copies rows of head_dim contiguous elements; these pages store head_dim "
-                         "with a stride (use backend='auto' or 'python')")
+    # The host job scatters any strides; the GPU sinks copy rows of head_dim contiguous elements.
+    strides_ok = kind == "cpu" or pages.rows_contiguous()
+    if backend == "native" and not strides_ok:
+        raise ValueError("backend='native' for CUDA pages copies rows of head_dim contiguous elements; these pages "
+                         "store head_dim with a stride (use backend='auto' or 'python')")
     allowed = GPU_METHODS if kind == "cuda" else HOST_METHODS
     if method != "auto" and method not in allowed:
         raise ValueError(f"method={method!r} is not for pages on {pages.device}; use one of {allowed}")
-    native_ok = built and kind in ("cpu", "cuda") and pages.rows_contiguous()
+    native_ok = built and kind in ("cpu", "cuda") and strides_ok
     if backend == "native" or (backend == "auto" and native_ok):
         default = DEFAULT_GPU_METHOD if kind == "cuda" else DEFAULT_METHOD
         return "native", default if method == "auto" else method

@@ -3,7 +3,7 @@ and the binding boundary where native failures become kvfast's typed exceptions.
 
 - host pages (``kvfast._C``): a small pool of C++ threads, GIL released, reads the chunks in file order in pieces
   of ``PIECE_BYTES`` and checksums each piece while it is in L2 (NHD pages are filled straight from the file's runs
-  of tokens; HND and other strides through a per-thread staging buffer and a scatter). ``method`` picks how bytes
+  of tokens; HND and any other strides, D's included, through a per-thread staging buffer and a scatter). ``method`` picks how bytes
   come off the file: ``"preadv"``, ``"mmap"`` or ``"odirect"``; csrc/file_source.h says how each copies.
 - CUDA pages (``kvfast._C_cuda``): the same workers read each chunk into a small ring of pinned staging slots,
   checksum it there, and hand it to a CUDA stream per worker: ``"scatter"`` copies the chunk to the device and
@@ -13,6 +13,7 @@ and the binding boundary where native failures become kvfast's typed exceptions.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -29,12 +30,18 @@ GPU_RING_SLOTS = 3  # pinned staging slots per worker: one being read, one in fl
 # The C++ wait holds no GIL and cannot see Ctrl-C: waits are cut into slices this long so Python's signal
 # handlers run between them (the latency of Ctrl-C during a load).
 WAIT_SLICE_S = 0.05
+_DESTS: weakref.WeakKeyDictionary[KVPages, list[tuple[np.ndarray, np.ndarray]]] = weakref.WeakKeyDictionary()
 
 
 def _host_pages(pages: KVPages, tensor: torch.Tensor) -> np.ndarray:
-    """One layer's K or V pages as the uint8 ``[num_blocks, block_size, H, head_dim * itemsize]`` array the native
-    loader writes into (a strided view for HND); shares memory with the pages."""
-    return pages.token_major(tensor.view(torch.uint8)).numpy()  # last axis: head_dim * itemsize bytes
+    """One layer's K or V pages as the uint8 ``[num_blocks, block_size, H, head_dim, itemsize]`` array the native
+    loader writes into, at the pages' strides in bytes (D may be strided: vLLM CPU's K); shares memory with the
+    pages."""
+    t = pages.token_major(tensor)
+    item = t.element_size()
+    raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+    view = raw.as_strided((*t.shape, item), (*(s * item for s in t.stride()), 1), t.storage_offset() * item)
+    return view.numpy()
 
 
 class NativeJob:
@@ -52,7 +59,11 @@ class NativeJob:
     @staticmethod
     def _make(fd: int, chunks: np.ndarray, pages: KVPages, table: np.ndarray, n: int, verify: bool, threads: int,
               method: str) -> Any:
-        dests = [(_host_pages(pages, k), _host_pages(pages, v)) for k, v in zip(pages.keys, pages.values)]
+        # An engine loads into the same pages on every request: their byte views are made once.
+        dests = _DESTS.get(pages)
+        if dests is None:
+            dests = _DESTS[pages] = [(_host_pages(pages, k), _host_pages(pages, v))
+                                     for k, v in zip(pages.keys, pages.values)]
         return native.LoadJob(fd, chunks, dests, table, n, method=method, threads=threads, verify=verify,
                               piece_bytes=PIECE_BYTES)
 

@@ -23,6 +23,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -59,6 +60,7 @@ from kvfast.trust.signing import PublicKeyLike, read_sidecar, sig_path, trusted_
 DEFAULT_RAM_BYTES = 1 << 30
 MIN_TENANT_SALT_BYTES = 16  # a guessable salt would let another party compute the tenant's keys
 PREFILL_PROVENANCE = "prefill"  # an entry this store computed itself with the model (Store.publish)
+_OPEN_READERS = 32  # documents whose open, validated reader is kept for the next load (file descriptors)
 _TOUCH_EVERY_S = 1.0  # how often an attach refreshes an entry's last-use time (its .kvf mtime) on disk
 
 
@@ -138,6 +140,8 @@ class Store:
         if self.origin is not None:
             for counter in (self._counters.hits, self._counters.bytes_read, self._counters.evictions):
                 counter[OriginTier.name] = 0
+        # path -> (its (device, inode, size) when opened, reader), least recently used first
+        self._readers: OrderedDict[Path, tuple[tuple[int, int, int], KvfReader]] = OrderedDict()
 
     @property
     def ram_budget(self) -> int:
@@ -289,24 +293,43 @@ class Store:
         kind, _, kid = entry.provenance.partition(":")
         return kind == "signed" and kid in self._trusted
 
+    def reader(self, entry: StoreEntry) -> KvfReader:
+        """The entry's file, open and validated (header, manifest, chunk index, token ids), kept open for the next
+        call: a serving engine checks and loads a document on every request, and parsing it each time is not the
+        copy. The file is stat'ed on each call; another file under the path (gc and a new put: another inode) is
+        opened anew. Its times are not compared: serving a document refreshes its mtime (the disk tier's LRU
+        clock), and a published file is never written in place (a chunk altered anyway fails its checksum).
+
+        An entry matched only at the origin is read there, by ranged GETs, and not kept: nothing is fetched into a
+        local tier until it is loaded (:meth:`load_into`, :meth:`attach`).
+
+        Raises:
+            FileNotFoundError: the file is gone. FormatError: it is not a valid .kvf file.
+            OriginError: the entry is only at the origin, and the origin is unreachable or refuses.
+        """
+        if self.origin is not None and not entry.path.exists():
+            return RemoteReader(self.origin.origin.source(self.origin.names(entry.key)[0]))
+        st = os.stat(entry.path)
+        stamp = (st.st_dev, st.st_ino, st.st_size)
+        with self._mutex:
+            held = self._readers.get(entry.path)
+            if held is not None and held[0] == stamp:
+                self._readers.move_to_end(entry.path)
+                return held[1]
+        reader = open_kvf(entry.path)
+        with self._mutex:
+            # Dropped, not closed: a load may still read through it (a reader closes itself when unreferenced).
+            self._readers[entry.path] = (stamp, reader)
+            self._readers.move_to_end(entry.path)
+            while len(self._readers) > _OPEN_READERS:
+                self._readers.popitem(last=False)
+        return reader
+
     def check_trusted(self, entry: StoreEntry) -> None:
         """Raise :class:`SignatureError` unless this store may serve ``entry`` (its ``trusted_keys`` policy)."""
         if not self._trusts(entry):
             raise SignatureError(f"entry is {entry.provenance}, not signed by a trusted key; put it again with its "
                                  "signature", path=entry.path)
-
-    def open_entry(self, entry: StoreEntry) -> KvfReader:
-        """A validated reader of a stored document (manifest, token ids, chunks): its file on this node or, for an
-        entry matched only at the origin, the object there, read by ranged GETs. Nothing is fetched into a local
-        tier: an engine checks a match's header before it plans, and fetches when it loads.
-
-        Raises:
-            FormatError (and subclasses), OSError: the document is unreadable or not a valid .kvf file.
-            OriginError: the origin is unreachable or refuses.
-        """
-        if self.origin is None or entry.path.exists():
-            return open_kvf(entry.path)
-        return RemoteReader(self.origin.origin.source(self.origin.names(entry.key)[0]))
 
     def _existing(self, key: StoreKey) -> StoreEntry | None:
         with self._mutex:
@@ -615,7 +638,7 @@ class Store:
                                  time.perf_counter() - started,
                                  len(ids) * entry.bytes_per_token)
 
-        handle = load_into(entry.path, pages, block_ids, fingerprint=key.fingerprint, num_tokens=len(ids),
+        handle = load_into(self.reader(entry), pages, block_ids, fingerprint=key.fingerprint, num_tokens=len(ids),
                            token_ids=ids, verify=verify, blocking=blocking)
         handle.add_done_callback(record)
         return handle

@@ -66,21 +66,21 @@ def test_match_finds_the_longest_prefix_at_the_origin(s3, prefix, tmp_path):
     assert b.match("sha256:" + "fe" * 32, ids) is None  # another model's namespace
 
 
-def test_a_match_at_the_origin_opens_there_without_a_fetch(s3, prefix, tmp_path):
+def test_a_match_at_the_origin_is_read_there_without_a_fetch(s3, prefix, tmp_path):
     """What an engine's scheduler does before it plans: check the match's header, which is still at the origin."""
     keys, values, ids = document(300, seed=5)
     node(tmp_path, "a", s3, s3.a, prefix).put((keys, values), token_ids=ids, fingerprint=FP)
     b = node(tmp_path, "b", s3, s3.a, prefix)
     m = b.match(FP, ids + [9])
     assert m is not None and not m.entry.path.exists()
-    with b.open_entry(m.entry) as reader:
-        assert reader.token_ids.tolist() == ids and reader.manifest.num_layers == len(keys)
+    remote = b.reader(m.entry)
+    assert remote.token_ids.tolist() == ids and remote.manifest.num_layers == len(keys)
+    remote.close()
     assert local_kvf_files(b) == []  # nothing fetched: the load does that
     cache = cache_for()
     seq, n = b.attach(FP, ids + [9], cache)
     assert n == 300 and len(local_kvf_files(b)) == 1
-    with b.open_entry(m.entry) as reader:  # now the local file
-        assert str(reader.path) == str(b.get(m.entry.key).path)
+    assert str(b.reader(m.entry).path) == str(b.get(m.entry.key).path)  # now the local file, kept open
     assert_loaded(cache, seq, keys, values, n)
 
 

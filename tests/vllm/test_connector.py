@@ -9,11 +9,17 @@ One scenario runs every engine once (module fixture), the tests read its results
     C0  no connector               the same prompts: the token reference
     D   kv_consumer, fp8 KV cache  doc+q: vLLM's cache cannot take the stored KV, the connector must refuse it
     D0  no connector, fp8          doc+q: D's token reference
-    E   kv_consumer, store S       doc+q1, doc+q2 without vLLM's prefix cache: the first load from disk (read
-                                   through the store's RAM tier), the second from RAM; both in S's ledger
+    E   kv_consumer, store S,      doc+q1, doc+q2 without vLLM's prefix cache: the first load from disk (read
+        ram_bytes 1 GiB            through the store's RAM tier, off by default on CPU), the second from RAM;
+                                   both in S's ledger
     F   kv_consumer, store S       doc+q with trusted_keys: A's unsigned document is refused, vLLM prefills
-    G   kv_consumer, "fail" policy doc2+q1 (A's corrupted doc2) three times, engine core in-process: failed
-                                   loads fail their requests and leave no outcome behind in the connector
+    G   kv_both, "fail" policy     doc5 and doc2+q1 (A's corrupted doc2) three times, batched, engine core
+                                   in-process: failed loads fail their requests while doc5's save runs in the
+                                   background, and nothing (outcome, request, block) is left behind
+    H   kv_producer, store SH      100 short prompts, one token each, engine core in-process: every request ends
+                                   before its background save; vLLM holds its blocks until the save is over
+    I   kv_both, copy of S,        doc6, doc+q1, doc2+q1 batched, "recompute" policy, no RAM tier: the native load
+        ram_bytes 0                into vLLM CPU's layout, a failed load recomputed, a save in the background
 
 A, B, C and C0 run vLLM's prefill in steps of one block (``max_num_batched_tokens`` = block size): vLLM's CPU
 kernels are not batch-invariant (a prefill of 1100 tokens and one of 1120 round layer 1's KV differently, by
@@ -37,6 +43,7 @@ import kvfast
 ENGINE = Path(__file__).with_name("engine_run.py")
 BLOCK = 128  # vLLM CPU's block size
 DOC, DOC2, DOC3, DOC4, QUESTION = 1100, 600, 500, 700, 20
+DOC5, DOC6, SHORT, MANY = 300, 400, 150, 100
 VOCAB = 512
 TOKENS = 32
 
@@ -148,16 +155,25 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict:
     })
     kvfast.keygen(work / "k.key")
     q1, q2 = ([rng.randrange(3, VOCAB) for _ in range(QUESTION)] for _ in range(2))
+    doc5, doc6 = ([rng.randrange(3, VOCAB) for _ in range(n)] for n in (DOC5, DOC6))
+    shorts = [[rng.randrange(3, VOCAB) for _ in range(SHORT)] for _ in range(MANY)]
+    store_i = work / "store_i"
+    shutil.copytree(store, store_i)  # I publishes what it prefills: into its own copy, so S's ledger stays E's
     engines |= _run_engines(work, {  # new questions: doc+q1 and doc+q2 both match A's doc (B stored doc+q)
-        "E": {**stepwise, "kv": _connector("kv_consumer", store), "prefix_caching": False,
+        "E": {**stepwise, "kv": _connector("kv_consumer", store, ram_bytes=1 << 30), "prefix_caching": False,
               "prompts": [doc + q1, doc + q2]},
         "F": {**stepwise, "kv": _connector("kv_consumer", store, trusted_keys=[str(work / "k.key.pub")]),
               "prompts": [doc + q]},
         # doc2+q1 matches A's corrupted doc2 whole (B's stored doc2+q shares only its full blocks)
-        "G": {**stepwise, "kv": _connector("kv_consumer", store, "fail"), "prefix_caching": False, "inproc": True,
-              "prompts": [doc2 + q1] * 3, "max_tokens": 4},
+        "G": {**stepwise, "kv": _connector("kv_both", store, "fail"), "prefix_caching": False, "inproc": True,
+              "batch": True, "prompts": [doc5] + [doc2 + q1] * 3, "max_tokens": 4},
+        "H": {"model": str(model), "dtype": "float32", "kv": _connector("kv_producer", work / "store_h"),
+              "inproc": True, "prompts": shorts, "max_tokens": 1, "logprobs": None},
+        "I": {**stepwise, "kv": _connector("kv_both", store_i, ram_bytes=0), "inproc": True, "batch": True,
+              "prompts": [doc6, doc + q1, doc2 + q1]},
     })
-    return {"engines": engines, "fp": fp, "store": store, "store_c": store_c, "prompts": prompts}
+    return {"engines": engines, "fp": fp, "store": store, "store_c": store_c, "prompts": prompts,
+            "store_h": work / "store_h", "store_i": store_i, "shorts": shorts, "doc5": doc5, "doc6": doc6}
 
 
 def _result(scenario: dict, engine: str, prompt: int) -> dict:
@@ -301,7 +317,49 @@ def test_connector_honours_the_stores_trusted_keys(scenario: dict) -> None:
     assert f["tokens"] == _result(scenario, "C0", 0)["tokens"]
 
 
+def _holds_nothing(engine: dict) -> None:
+    """After the engine drained: no outcome or save in the connector, no request or block held by vLLM."""
+    assert engine["outcomes_held"] == 0
+    assert engine["requests_held"] == 0
+    assert engine["free_blocks"] == engine["usable_blocks"]
+
+
 def test_failed_loads_under_the_fail_policy_leave_no_outcome_behind(scenario: dict) -> None:
     g = scenario["engines"]["G"]
     assert g["log"].count("checksum mismatch") >= 3
-    assert g["outcomes_held"] == 0
+    _holds_nothing(g)
+    # The save batched with the failing loads completed, and its request was served.
+    assert "prompt KV published in the background (300 tokens" in g["log"]
+    assert kvfast.Store(scenario["store"]).get((scenario["fp"], kvfast.document_key(scenario["doc5"]))) is not None
+    assert len(g["results"][0]["tokens"]) == 4
+
+
+# -- asynchronous saves, native loads into vLLM CPU's layout -----------------------------------------------------
+def test_background_saves_outlive_their_requests_and_release_every_block(scenario: dict) -> None:
+    """H: each of 100 requests ends in its prefill step (max_tokens=1), before its background save is over; vLLM
+    holds the blocks until the worker reports the save, then frees them: nothing leaks, every document is whole."""
+    h = scenario["engines"]["H"]
+    _holds_nothing(h)
+    assert h["log"].count("prompt KV published in the background") == MANY
+    store = kvfast.Store(scenario["store_h"])
+    for ids in scenario["shorts"][:: MANY // 5]:
+        entry = store.get((scenario["fp"], kvfast.document_key(ids)))
+        assert entry is not None and entry.num_tokens == SHORT
+        with kvfast.open(entry.path) as r:
+            r.verify()
+            assert r.read_layer(1)[0].abs().sum() > 0
+    assert len(store.list(scenario["fp"])) == MANY
+
+
+def test_native_load_into_the_cpu_layout_with_recompute_and_a_save_in_flight(scenario: dict) -> None:
+    """I (no RAM tier): vLLM CPU's K is transposed inside a block, and the load still takes the native path."""
+    i = scenario["engines"]["I"]
+    assert "loads take the native/preadv path" in i["log"]
+    assert "1024 prompt tokens loaded (native/preadv path" in i["log"]
+    loaded, corrupted = i["results"][1], i["results"][2]
+    assert _supplied(loaded) == 1024
+    assert loaded["tokens"] == _result(scenario, "E", 0)["tokens"]  # E loaded the same document through RAM
+    assert "checksum" in corrupted["kv_transfer_params"]["kvfast_declined"]
+    assert len(corrupted["tokens"]) == TOKENS  # recomputed by vLLM
+    assert kvfast.Store(scenario["store_i"]).get((scenario["fp"], kvfast.document_key(scenario["doc6"])))
+    _holds_nothing(i)

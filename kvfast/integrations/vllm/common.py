@@ -61,11 +61,13 @@ class SaveSpec:
 
 @dataclass
 class KvfastConnectorMetadata(KVConnectorMetadata):
-    """One engine step's work for the worker: loads before the forward, saves after it."""
+    """One engine step's work for the worker: loads before the forward, saves after it, and the requests vLLM
+    preempted in this step (their blocks are freed: a save still reading them must finish that first)."""
 
     fingerprint: str | None = None
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    preempted: set[str] = field(default_factory=set)
 
 
 @dataclass

@@ -16,7 +16,9 @@ worker side (worker.py); what they exchange is in common.py. The data's path:
                  vLLM's strides, or a refusal
                start_load_kv ──Store.load_into──▶ checked chunks written into vLLM's own blocks, layer-major, in the
                  background (or one copy from the store's RAM tier); trusted keys honoured, the ledger records it
-               wait_for_layer_load(layer) waits for that layer only; wait_for_save publishes prompts (Store.put)
+               wait_for_layer_load(layer) waits for that layer only; wait_for_save starts publishing prompts
+                 (Store.put) on a background thread; get_finished reports each save over, and vLLM, which held the
+                 request's blocks from request_finished on, frees them
                failures: the request's blocks are reported invalid -> vLLM recomputes them
     scheduler  update_connector_output / request_finished: outcomes returned as kv_transfer_params
 
@@ -30,7 +32,8 @@ Extra config (``kv_connector_extra_config``):
         folder with :func:`kvfast.checkpoint_fingerprint` in the served dtype.
     verify: check every chunk's CRC-32C while loading (default true).
     trusted_keys: Ed25519 public key files; when given, only documents signed by one of them are loaded.
-    ram_bytes: the store's host RAM tier in this worker (default the store's); 0 turns it off.
+    ram_bytes: the store's host RAM tier in this worker (default: the store's, and 0 when vLLM runs on CPU);
+        0 turns it off.
     origin: an S3-compatible origin below the store, ``"s3://bucket/prefix"`` (endpoint and credentials from the
         standard AWS environment variables): prompts are published there too, and a document found only there
         is fetched once into this node's store, then loaded (kvfast.Store's ``origin``).
@@ -94,8 +97,13 @@ class KvfastConnector(KVConnectorBase_V1):
         if not root:
             raise ValueError("KvfastConnector: kv_connector_extra_config needs 'store': the kvfast store folder")
         trusted = tc.get_from_extra_config("trusted_keys", None)
-        store = Store(root, trusted_keys=trusted or None,
-                      ram_bytes=int(tc.get_from_extra_config("ram_bytes", DEFAULT_RAM_BYTES)),
+        ram_bytes = tc.get_from_extra_config("ram_bytes", None)
+        if ram_bytes is None:
+            # vLLM on CPU: the OS page cache already keeps a hot file in memory, and the native load from it is
+            # the one copy (layer by layer, any layout); a RAM tier would hold a second copy and add a strided
+            # torch copy per request (bench/RESULTS.md, "vLLM").
+            ram_bytes = 0 if vllm_config.device_config.device_type == "cpu" else DEFAULT_RAM_BYTES
+        store = Store(root, trusted_keys=trusted or None, ram_bytes=int(ram_bytes),
                       origin=tc.get_from_extra_config("origin", None) or None)
         disabled = unsupported_parallelism(vllm_config)
         self._scheduler: KvfastScheduler | None = None
@@ -136,13 +144,16 @@ class KvfastConnector(KVConnectorBase_V1):
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
                       **kwargs: Any) -> None:
-        # Nothing per layer: a prompt is published once its whole prefill is done, and its blocks stay
-        # allocated (and unchanged) until wait_for_save returns, so one gather there reads every layer.
+        # Nothing per layer: a prompt is published once its whole prefill is done, from its blocks, which vLLM
+        # holds until get_finished reports the save over, so one background gather reads every layer.
         return
 
     def wait_for_save(self) -> None:
         meta = self._connector_metadata
         self._worker.wait_for_save(meta if isinstance(meta, KvfastConnectorMetadata) else None)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return self._worker.get_finished(finished_req_ids)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.get_block_ids_with_load_errors()

@@ -64,6 +64,7 @@ class KvfastScheduler:
         self._pending: dict[str, _Plan] = {}  # req id -> load to schedule in this step's metadata
         self._tracked: dict[str, _Tracked] = {}  # producer: requests being prefilled
         self._outcome: dict[str, dict[str, Any]] = {}  # req id -> kv_transfer_params at finish
+        self._saving: set[str] = set()  # req ids whose save the worker got: vLLM holds their blocks at finish
         # Why the connector declines everything (None: it works); set at start or by the worker's report.
         self._disabled = disabled
         if self._disabled is None and isinstance(self._spec, str):
@@ -117,9 +118,9 @@ class KvfastScheduler:
         kv = self._spec.kv
         try:
             self._store.check_trusted(entry)
-            with self._store.open_entry(entry) as reader:  # header, manifest, token ids: checked before any plan
-                check_file(reader, (self._spec.num_layers, kv.num_kv_heads, kv.head_dim), kv.dtype,
-                           fingerprint=self._fingerprint, num_tokens=len(ids), token_ids=ids)
+            # header, manifest and token ids, checked before any plan; the parsed file is kept for the next request
+            check_file(self._store.reader(entry), (self._spec.num_layers, kv.num_kv_heads, kv.head_dim), kv.dtype,
+                       fingerprint=self._fingerprint, num_tokens=len(ids), token_ids=ids)
         except DECLINE as exc:
             return str(exc)
         return None
@@ -131,7 +132,8 @@ class KvfastScheduler:
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KvfastConnectorMetadata:
         """This step's loads (requests whose blocks were just allocated) and saves (prompts completed now)."""
-        meta = KvfastConnectorMetadata(fingerprint=self._fingerprint)
+        meta = KvfastConnectorMetadata(fingerprint=self._fingerprint,
+                                       preempted=set(scheduler_output.preempted_req_ids or ()) & self._saving)
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             blocks = list(new.block_ids[0])
@@ -172,8 +174,9 @@ class KvfastScheduler:
             return
         nblocks = -(-len(tracked.token_ids) // self._block_size)
         meta.saves.append(SaveSpec(req_id, tracked.token_ids, tracked.block_ids[:nblocks]))
-        # Saves run in this step's wait_for_save, before vLLM hands the step's output (and any request that
-        # finishes in it) back here: a request that ends in this very step (max_tokens=1) still reports it.
+        self._saving.add(req_id)
+        # The save runs in the background and may end after its request (max_tokens=1 ends in this very step):
+        # the outcome names the document it publishes; a failure, when reported in time, replaces it.
         self._outcome.setdefault(req_id, {})["kvfast_published"] = key.document
 
     def _decline(self, req_id: str, why: str) -> None:
@@ -201,7 +204,8 @@ class KvfastScheduler:
                 self._outcome.setdefault(req_id, {})["kvfast_published"] = what
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        """Forget the request; its outcome goes back in ``RequestOutput.kv_transfer_params``. Blocks are freed now."""
+        """Forget the request; its outcome goes back in ``RequestOutput.kv_transfer_params``. Its blocks are freed
+        now, or, when its prompt is being published, once the worker reports the save over (``get_finished``)."""
         req_id = request.request_id
         self._plans.pop(req_id, None)
         self._pending.pop(req_id, None)
@@ -212,11 +216,13 @@ class KvfastScheduler:
             # of that step, and recomputes it instead. A planned load of a finishing request therefore landed,
             # even when the worker's report of it is processed after this call.
             outcome["kvfast_supplied_tokens"] = outcome["kvfast_planned_tokens"]
-        return False, outcome
+        saving = req_id in self._saving
+        self._saving.discard(req_id)
+        return saving, outcome
 
     def outcomes_held(self) -> int:
-        """Requests whose outcome is still held (tests: none may outlive its request)."""
-        return len(self._outcome)
+        """Requests whose outcome or save is still held (tests: none may outlive its request)."""
+        return len(self._outcome) + len(self._saving)
 
 
 def _policy_warning(tc: Any) -> str:

@@ -1,6 +1,6 @@
 """The connector's worker side: vLLM's KV tensors seen as kvfast pages (measured, or refused), loads into vLLM's own
 blocks through the store (:meth:`kvfast.Store.load_into`: trust, RAM tier, usage ledger), per-layer waits, and the
-publish of prompts whose prefill completed."""
+publish of prompts whose prefill completed, in the background (saver.py)."""
 from __future__ import annotations
 
 import time
@@ -12,9 +12,10 @@ from vllm.logger import init_logger
 from kvfast.cache.pages import KVPages
 from kvfast.errors import KVLayoutError
 from kvfast.integrations.vllm import common
-from kvfast.integrations.vllm.common import DECLINE, KvfastConnectorMetadata, KvfastWorkerMetadata, LoadSpec, SaveSpec
+from kvfast.integrations.vllm.common import DECLINE, KvfastConnectorMetadata, KvfastWorkerMetadata, LoadSpec
 from kvfast.integrations.vllm.layout import KVWriter, discover_views, layer_index
-from kvfast.loader import LoadHandle
+from kvfast.integrations.vllm.saver import BackgroundSaver
+from kvfast.loader import LoadHandle, choose_path
 from kvfast.store import Store, StoreKey
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ class KvfastWorker:
         self._handles: dict[str, tuple[LoadSpec, LoadHandle, float]] = {}  # req id -> load, handle, start time
         self._report = KvfastWorkerMetadata()
         self._invalid: set[int] = set()
+        self._saver = BackgroundSaver(store)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Recognise the KV cache tensors vLLM allocated (shape, dtype, strides, backend) or refuse them.
@@ -48,10 +50,11 @@ class KvfastWorker:
             if self._disabled is not None:
                 raise KVLayoutError(self._disabled)
             self._pages, self._layer_of = _vllm_pages(kv_caches, self._vllm_config, self._kv_cache_config)
-            # The loader picks its path from the pages: native where each row of D elements is contiguous, the
-            # reference scatter where D has a stride (the CPU backend's K).
-            logger.info("kvfast: %s, K strides %s, V strides %s, native rows %s", self._pages,
-                        self._pages.keys[0].stride(), self._pages.values[0].stride(), self._pages.rows_contiguous())
+            self._saver.pages = self._pages
+            # The loader picks its path from the pages' device and strides, once for every load into them.
+            backend, method = choose_path(self._pages)
+            logger.info("kvfast: %s, K strides %s, V strides %s: loads take the %s/%s path", self._pages,
+                        self._pages.keys[0].stride(), self._pages.values[0].stride(), backend, method)
         except KVLayoutError as exc:
             self._refuse(str(exc))
         except Exception as exc:  # noqa: BLE001 - see DECLINE
@@ -59,12 +62,16 @@ class KvfastWorker:
             self._refuse(f"inspecting vLLM's KV caches failed: {exc!r}")
 
     def _refuse(self, why: str) -> None:
-        self._pages = None
-        self._refused = self._report.refused = why
+        self._pages = self._saver.pages = None
+        self._refused = self._report.refused = self._saver.refused = why
         logger.error("kvfast: %s; the connector declines every load and publishes nothing", why)
 
     def start_load_kv(self, meta: KvfastConnectorMetadata) -> None:
-        """Start this step's loads: all checks run now, the bytes arrive layer by layer in the background."""
+        """Start this step's loads: all checks run now, the bytes arrive layer by layer in the background.
+
+        First, saves of requests vLLM preempted in this step read their blocks to the end: vLLM freed those blocks,
+        and this step's loads and forward may write them."""
+        self._saver.wait_gathered(meta.preempted)
         for load in meta.loads:
             if self._pages is None:
                 self._fail(load, self._refused or "vLLM's KV caches were never registered")
@@ -91,7 +98,8 @@ class KvfastWorker:
                 self._fail(load, exc)
 
     def wait_for_save(self, meta: KvfastConnectorMetadata | None) -> None:
-        """Settle this step's loads, then publish the prompts whose prefill completed (atomic store puts)."""
+        """Settle this step's loads, then start publishing the prompts whose prefill completed (in the background:
+        vLLM holds their blocks until :meth:`get_finished` reports them)."""
         for load, handle, t0 in self._handles.values():
             try:
                 handle.wait()
@@ -103,24 +111,18 @@ class KvfastWorker:
                         load.req_id, load.num_tokens, handle.backend, handle.method, (time.perf_counter() - t0) * 1e3,
                         load.path)
         self._handles.clear()
-        if meta is None or self._pages is None:
+        if meta is None or not meta.saves:
             return
-        for save in meta.saves:
-            self._report.saved[save.req_id] = self._save(save, meta.fingerprint)
-
-    def _save(self, save: SaveSpec, fingerprint: str) -> str:
         t0 = time.perf_counter()
-        try:
-            n = len(save.token_ids)
-            keys, values = zip(*(self._pages.gather(layer, save.block_ids, n) for layer in range(self._pages.num_layers)))
-            entry = self._store.put((list(keys), list(values)), token_ids=save.token_ids, fingerprint=fingerprint)
-        except Exception as exc:  # noqa: BLE001 - see DECLINE
-            logger.warning("kvfast: request %s: publishing its prompt KV failed: %s", save.req_id, exc,
-                           exc_info=not isinstance(exc, DECLINE))
-            return f"failed: {exc}"
-        logger.info("kvfast: request %s: prompt KV published (%d tokens, %.3f s): %s", save.req_id,
-                    len(save.token_ids), time.perf_counter() - t0, entry.path)
-        return entry.key.document
+        for save in meta.saves:
+            self._saver.submit(save.req_id, save.token_ids, save.block_ids, meta.fingerprint)
+        logger.info("kvfast: %d save(s) handed to the background; they held the step %.3f ms", len(meta.saves),
+                    (time.perf_counter() - t0) * 1e3)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """(requests whose save is over and which vLLM finished: it frees their blocks now, None): loads are
+        synchronous, so nothing is ever "finished receiving"."""
+        return self._saver.finished(finished_req_ids) or None, None
 
     def _fail(self, load: LoadSpec, why: str | Exception) -> None:
         """Report the load failed: its blocks go back to vLLM as invalid, and vLLM recomputes them."""
@@ -136,6 +138,7 @@ class KvfastWorker:
 
     def build_connector_worker_meta(self) -> KvfastWorkerMetadata | None:
         report = self._report
+        report.saved.update(self._saver.outcomes())
         if not (report.loaded or report.failed or report.saved or report.refused):
             return None
         self._report = KvfastWorkerMetadata()
