@@ -105,11 +105,13 @@ class Origin:
         return f"s3://{self.bucket}/{self.key(name)}"
 
     # -- calls, each mapped to OriginError ------------------------------------------------------------------
-    def _call(self, what: str, name: str, fn):
+    def _call(self, what: str, name: str, fn, passthrough: tuple[type[BaseException], ...] = ()):
+        """``fn(obstore)``; the client's errors become :class:`OriginError` naming the object, except "not found"
+        and ``passthrough``, which the caller decides on."""
         obstore = _obstore()
         try:
             return fn(obstore)
-        except obstore.exceptions.NotFoundError:
+        except (obstore.exceptions.NotFoundError, *passthrough):
             raise
         except obstore.exceptions.BaseError as exc:
             raise OriginError(f"{what} failed: {_short(exc)}", path=self.url_of(name)) from None
@@ -127,11 +129,19 @@ class Origin:
         for attempt in range(3):
             try:
                 self._call("conditional PUT", name,
-                           lambda o: o.put(self._store, self.key(name), body, mode="create", use_multipart=False))
+                           lambda o: o.put(self._store, self.key(name), body, mode="create", use_multipart=False),
+                           passthrough=(obstore.exceptions.AlreadyExistsError, obstore.exceptions.PreconditionError,
+                                        obstore.exceptions.PermissionDeniedError,
+                                        obstore.exceptions.UnauthenticatedError))
             except (obstore.exceptions.AlreadyExistsError, obstore.exceptions.PreconditionError):
                 return False
+            except (obstore.exceptions.PermissionDeniedError, obstore.exceptions.UnauthenticatedError) as exc:
+                # refused: these keys may not write here, whether or not the object exists
+                raise OriginError(f"conditional PUT failed: {_short(exc)}", path=self.url_of(name)) from None
             except OriginError as exc:
-                if "PreconditionFailed" in str(exc) or "412" in str(exc):
+                # An S3 412 the client did not type. Its words, never its number: the message holds the key, and
+                # hex digits can spell "412".
+                if "PreconditionFailed" in exc.detail or "Precondition Failed" in exc.detail:
                     return False
                 # A concurrent conditional write may be answered 409 (ConditionalRequestConflict) or the reply
                 # lost: the object's presence decides, as the PUT is all or nothing.
