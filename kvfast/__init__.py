@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, tuple[str, str]] = {
     "backend": ("kvfast._backend", "backend"),
     **{name: ("kvfast.errors", name) for name in (
-        "CacheFullError", "ChecksumError", "CodecError", "DtypeMismatchError", "FileAccessError", "FormatError",
-        "InvalidArgumentError", "KvfastError", "LayoutError", "LedgerError", "ManifestError", "ModelMismatchError",
+        "CacheFullError", "ChecksumError", "CodecError", "DtypeMismatchError", "FileAccessError", "FileMissingError",
+        "FormatError", "InvalidArgumentError", "KvfastError", "LayoutError", "LedgerError", "ManifestError", "ModelMismatchError",
         "NotKvfError", "OriginError", "PagesError", "ShapeMismatchError", "SignatureError", "TokenMismatchError",
         "TruncatedFileError", "UnsupportedCodecError", "UnsupportedVersionError")},
     **{name: ("kvfast.identity", name) for name in (
@@ -39,7 +39,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 
 __all__ = [  # every public name (a literal, for type checkers and IDEs)
     "AuditReport", "CacheFullError", "ChecksumError", "CodecError", "DtypeMismatchError", "FileAccessError",
-    "FormatError", "GenerationOutput", "InvalidArgumentError", "KVPages", "KVSequence", "KvfReader", "KvfastError",
+    "FileMissingError", "FormatError", "GenerationOutput", "InvalidArgumentError", "KVPages", "KVSequence", "KvfReader", "KvfastError",
     "LayoutError", "Ledger", "LedgerError", "LoadHandle", "Manifest", "ManifestError", "ModelMismatchError",
     "NotKvfError", "Origin", "OriginConfig", "OriginError", "PagedCache", "PagedKVCache", "PagesError", "ShapeMismatchError", "SignatureError", "Store",
     "StoreEntry", "StoreKey", "StoreMatch", "StoreStats", "TokenMismatchError", "TruncatedFileError",
@@ -68,11 +68,10 @@ if TYPE_CHECKING:  # type checkers and IDEs see the eager imports
     from kvfast._backend import backend
     from kvfast.cache import KVPages, KVSequence, PagedKVCache
     from kvfast.errors import (CacheFullError, ChecksumError, CodecError, DtypeMismatchError, FileAccessError,
-                               FormatError, InvalidArgumentError, KvfastError, LayoutError, LedgerError,
-                               ManifestError, ModelMismatchError, NotKvfError, OriginError, PagesError,
-                               ShapeMismatchError,
-                               SignatureError, TokenMismatchError, TruncatedFileError, UnsupportedCodecError,
-                               UnsupportedVersionError)
+                               FileMissingError, FormatError, InvalidArgumentError, KvfastError, LayoutError,
+                               LedgerError, ManifestError, ModelMismatchError, NotKvfError, OriginError, PagesError,
+                               ShapeMismatchError, SignatureError, TokenMismatchError, TruncatedFileError,
+                               UnsupportedCodecError, UnsupportedVersionError)
     from kvfast.format import KvfReader, Manifest, save_kv
     from kvfast.format import open_kvf as open  # noqa: A001
     from kvfast.hf import (GenerationOutput, PagedCache, VerifyReport, capture_kv, extend, generate, publish,

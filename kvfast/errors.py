@@ -128,6 +128,11 @@ class FileAccessError(KvfastError, OSError):
         self.errno = errno
 
 
+class FileMissingError(FileAccessError, FileNotFoundError):
+    """The path does not exist (``errno`` ENOENT). Also a :class:`FileNotFoundError`, so code that treats a file
+    removed under it (by another process, or the store's eviction) as a normal event keeps catching it."""
+
+
 def file_access_error(exc: OSError, path: str | os.PathLike, doing: str) -> FileAccessError:
     """``exc`` (from ``doing`` to ``path``) as a one-line :class:`FileAccessError` naming ``path``."""
     what = {errnos.ENOENT: "no such file or folder", errnos.EISDIR: "is a folder, expected a file",
@@ -135,7 +140,8 @@ def file_access_error(exc: OSError, path: str | os.PathLike, doing: str) -> File
             errnos.EACCES: "permission denied", errnos.EPERM: "permission denied",
             errnos.ENOSPC: "no space left on the device",
             errnos.ELOOP: "is a symbolic link, which kvfast does not follow here"}.get(exc.errno, exc.strerror or str(exc))
-    return FileAccessError(f"{doing}: {what}", path=path, errno=exc.errno)
+    cls = FileMissingError if exc.errno == errnos.ENOENT else FileAccessError
+    return cls(f"{doing}: {what}", path=path, errno=exc.errno)
 
 
 # -- the origin (an S3-compatible object store) ------------------------------------------------------------

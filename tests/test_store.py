@@ -457,6 +457,20 @@ def test_a_corrupted_entry_is_set_aside(tmp_path):
     assert store.gc(verify=True)["corrupt"] == 1 and store.list() == []
 
 
+def test_an_entry_whose_file_vanished_under_attach_is_forgotten_not_raised(tmp_path):
+    """Another process removes a document between this store's match and its open (the .kvf goes first): the
+    attach serves what is left to match, as it would had the remove come a moment earlier."""
+    store = kvfast.Store(tmp_path / "root")
+    ids = random_ids(100, seed=74)
+    entry = put_fake(store, ids)
+    entry.path.unlink()  # the sidecar is still there: the index still offers the entry
+    seq, n = store.attach(FP, ids + [1], new_cache(64))
+    assert (n, seq.num_tokens) == (0, 0)
+    with pytest.raises(FileNotFoundError) as info:  # kvfast's own error, still the exception Python code expects
+        kvfast.open(entry.path)
+    assert isinstance(info.value, kvfast.FileAccessError) and f"{entry.path}: opening: no such file" in str(info.value)
+
+
 KILL_DOCS = [random_ids(1024 + 96 * i, seed=80 + i) for i in range(10)]  # ~1-2 MiB files: writes take time
 KILL_HEAD_DIM = 64
 FAILPOINTS = ["put:written", "put:sidecar-written", "put:kvf-renamed", "put:committed", "remove:uncommitted"]
