@@ -217,3 +217,31 @@ def test_store_attach_vs_prefill(benchmark, tmp_path, bench_size):
     benchmark.pedantic(attach, rounds=ROUNDS, warmup_rounds=1)
     record(benchmark, "prefill of the document (kvfast.capture_kv)", prefill_s,
            speedup=prefill_s / benchmark.stats.stats.median, tokens=tokens)
+
+
+# -- a background save's gather out of vLLM CPU's pages (K transposed in each block) ---------------------------
+def test_save_gather_vs_torch_copy(benchmark, bench_size):
+    """KVPages.gather of a prompt out of vLLM CPU's layout (native) against the PyTorch copy a save used before."""
+    from bench_gather import BLOCK, vllm_cpu_pages
+
+    from kvfast.cache import ops
+
+    if native is None:
+        pytest.skip("kvfast._C is not built")
+    shape = SHAPES[bench_size]
+    blocks = -(-shape.tokens // BLOCK)
+    pages = vllm_cpu_pages(blocks, shape.layers, shape.heads, shape.head_dim)
+    table = list(range(blocks))[::-1]
+
+    def reference() -> None:
+        for layer in range(shape.layers):
+            ops.gather_kv(pages.keys[layer], pages.values[layer], torch.tensor(table), shape.tokens, layout="HND")
+
+    torch_s = median_seconds(reference)
+    got = benchmark.pedantic(lambda: [pages.gather(layer, table, shape.tokens) for layer in range(shape.layers)],
+                             rounds=ROUNDS, warmup_rounds=1)
+    want = ops.gather_kv(pages.keys[-1], pages.values[-1], torch.tensor(table), shape.tokens, layout="HND")
+    assert all(torch.equal(a, b) for a, b in zip(got[-1], want))
+    record(benchmark, "torch copy out of the strided views (ops.gather_kv)", torch_s,
+           speedup=torch_s / benchmark.stats.stats.median, kv_bytes=shape.kv_bytes)
+

@@ -26,7 +26,7 @@ uint32_t py_crc32c(py::buffer data, uint32_t value) {
 // ==========================================================================================================
 // LoadJob glue: validate once, here, then hand plain structs to the job
 // ==========================================================================================================
-[[noreturn]] void value_error(const std::string& msg) { throw py::value_error("kvfast._C.LoadJob: " + msg); }
+[[noreturn]] void value_error(const std::string& msg) { throw py::value_error("kvfast._C: " + msg); }
 
 // A job plus the Python objects whose memory it writes into, released only after its threads stopped.
 struct PyLoadJob {
@@ -146,6 +146,29 @@ std::unique_ptr<PyLoadJob> make_job(int fd, py::array_t<int64_t, py::array::c_st
   return result;
 }
 
+// gather_pages: the block table checked as a load's is, `out` checked to hold exactly the packed rows.
+void py_gather_pages(const py::object& pages, py::array_t<int64_t, py::array::c_style | py::array::forcecast> block_table,
+                     int64_t num_tokens, py::buffer out) {
+  kvfast::PagedLayout layout;
+  const uint8_t* src = page_pointer(pages, &layout, true, "pages");
+  if (block_table.ndim() != 1) value_error("block_table must be 1-d");
+  if (num_tokens < 1) value_error("num_tokens must be >= 1");
+  std::vector<int64_t> table(block_table.data(), block_table.data() + block_table.size());
+  const std::string problem = kvfast::check_block_table(table, num_tokens, layout);
+  if (!problem.empty()) value_error(problem);
+  py::buffer_info info = out.request(/*writable=*/true);
+  py::ssize_t expect = info.itemsize;
+  for (py::ssize_t i = info.ndim; i-- > 0;) {
+    if (info.shape[i] > 1 && info.strides[i] != expect) value_error("out must be C-contiguous");
+    expect *= info.shape[i];
+  }
+  if (info.size * info.itemsize != num_tokens * layout.row_bytes())
+    value_error("out must hold num_tokens * num_heads * head_bytes = " + std::to_string(num_tokens * layout.row_bytes()) +
+                " bytes, got " + std::to_string(info.size * info.itemsize));
+  py::gil_scoped_release release;
+  kvfast::gather_pages(layout, src, table, num_tokens, static_cast<uint8_t*>(info.ptr));
+}
+
 py::object job_error(const PyLoadJob& self) {
   kvfast::LoadError e = self.job->error();
   if (e.kind == kvfast::ErrorKind::kNone) return py::none();
@@ -233,6 +256,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("head_dim"), py::arg("itemsize"), py::arg("threads") = 1, py::kw_only(), py::arg("repeats"),
         "expcode: decode one chunk into out (K then V); repeats: v2 (True) or v1; ValueError naming the field on bad "
         "input. Releases the GIL.");
+
+  m.def("gather_pages", &py_gather_pages, py::arg("pages"), py::arg("block_table"), py::arg("num_tokens"),
+        py::arg("out"),
+        "Tokens [0, num_tokens) over block_table out of one layer's K or V pages (a uint8 view as LoadJob takes) "
+        "into out, packed [num_tokens, H, head_bytes]: the mirror of a load's scatter. Releases the GIL.");
 
   py::class_<PyLoadJob>(m, "LoadJob", "A load of .kvf chunks into host paged K/V pages, running on its own threads.")
       .def(py::init(&make_job), py::arg("fd"), py::arg("chunks"), py::arg("dests"), py::arg("block_table"),

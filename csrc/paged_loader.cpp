@@ -278,17 +278,17 @@ template <class T>
 void transpose_tile(uint8_t*, int64_t, const uint8_t*, int64_t) {}
 #endif
 
-// One head's D elements of `run` tokens, from staged rows (`row` bytes apart, elements packed) to a head whose
-// elements lie `es` bytes apart and tokens `ts` apart. Otherwise, the loop over the destination's smaller stride
-// is innermost, so stores move forward through memory.
-template <class T>
-void scatter_head(uint8_t* dst, const uint8_t* src, int64_t run, int64_t row, int64_t dims, int64_t ts,
-                  int64_t es) {
+// One head's D elements of `run` tokens between packed rows (`row` bytes apart, elements packed) and a page head
+// whose elements lie `es` bytes apart and tokens `ts` apart: into the head when kToPages (a load), out of it
+// otherwise (a gather). The loop over the head's smaller stride is innermost, so its accesses move forward
+// through memory; transposed heads go through the tiles, a transpose being its own inverse.
+template <class T, bool kToPages>
+void copy_head(uint8_t* head, uint8_t* rows, int64_t run, int64_t row, int64_t dims, int64_t ts, int64_t es) {
   constexpr int64_t item = sizeof(T);
   auto copy = [&](int64_t i, int64_t e) {
-    T x;
-    std::memcpy(&x, src + i * row + e * item, sizeof(T));
-    std::memcpy(dst + i * ts + e * es, &x, sizeof(T));
+    uint8_t* in_head = head + i * ts + e * es;
+    uint8_t* in_rows = rows + i * row + e * item;
+    std::memcpy(kToPages ? in_head : in_rows, kToPages ? in_rows : in_head, sizeof(T));
   };
   if (es > ts) {  // tokens innermost in memory
     int64_t tiled_tokens = 0, tiled_dims = 0;
@@ -298,8 +298,12 @@ void scatter_head(uint8_t* dst, const uint8_t* src, int64_t run, int64_t row, in
         tiled_tokens = run / w * w;
         tiled_dims = dims / w * w;
         for (int64_t i = 0; i < tiled_tokens; i += w)
-          for (int64_t e = 0; e < tiled_dims; e += w)
-            transpose_tile<T>(dst + e * es + i * item, es, src + i * row + e * item, row);
+          for (int64_t e = 0; e < tiled_dims; e += w) {
+            if constexpr (kToPages)
+              transpose_tile<T>(head + e * es + i * item, es, rows + i * row + e * item, row);
+            else
+              transpose_tile<T>(rows + i * row + e * item, row, head + e * es + i * item, es);
+          }
       }
     }
     for (int64_t e = 0; e < dims; ++e)  // what the tiles left: the last dims, then the last tokens
@@ -310,36 +314,56 @@ void scatter_head(uint8_t* dst, const uint8_t* src, int64_t run, int64_t row, in
   }
 }
 
-}  // namespace
-
-void LoadJob::scatter_rows(int kv, uint8_t* dst, const uint8_t* rows, int64_t run) const {
-  const PagedLayout& l = layouts_[kv];
+// `run` packed token rows and the same tokens of one block, from its token row `page` on: into the block when
+// kToPages (a load), out of it otherwise (a gather).
+template <bool kToPages>
+void copy_block_rows(const PagedLayout& l, uint8_t* page, uint8_t* rows, int64_t run) {
   const int64_t row = l.row_bytes();
   if (l.head_contiguous()) {
-    for (int64_t i = 0; i < run; ++i, dst += l.token_stride, rows += row) {
+    // A load streams past the caches (the pages are not read soon; stream_fence follows the chunk); a gather's
+    // rows are read next, so they are stored plainly.
+    auto copy = [](uint8_t* in_page, uint8_t* in_rows, int64_t n) {
+      if constexpr (kToPages) stream_copy(in_page, in_rows, static_cast<size_t>(n));
+      else std::memcpy(in_rows, in_page, static_cast<size_t>(n));
+    };
+    for (int64_t i = 0; i < run; ++i, page += l.token_stride, rows += row) {
       if (l.head_stride == l.head_bytes) {
-        stream_copy(dst, rows, static_cast<size_t>(row));
+        copy(page, rows, row);
       } else {
-        for (int64_t h = 0; h < l.num_heads; ++h)
-          stream_copy(dst + h * l.head_stride, rows + h * l.head_bytes, static_cast<size_t>(l.head_bytes));
+        for (int64_t h = 0; h < l.num_heads; ++h) copy(page + h * l.head_stride, rows + h * l.head_bytes, l.head_bytes);
       }
     }
     return;
   }
   const int64_t dims = l.head_bytes / l.elem_bytes;
   for (int64_t h = 0; h < l.num_heads; ++h) {
-    uint8_t* d = dst + h * l.head_stride;
-    const uint8_t* s = rows + h * l.head_bytes;
+    uint8_t* p = page + h * l.head_stride;
+    uint8_t* r = rows + h * l.head_bytes;
     switch (l.elem_bytes) {  // the binding admits these widths only
       case 2:
-        scatter_head<uint16_t>(d, s, run, row, dims, l.token_stride, l.elem_stride);
+        copy_head<uint16_t, kToPages>(p, r, run, row, dims, l.token_stride, l.elem_stride);
         break;
       case 4:
-        scatter_head<uint32_t>(d, s, run, row, dims, l.token_stride, l.elem_stride);
+        copy_head<uint32_t, kToPages>(p, r, run, row, dims, l.token_stride, l.elem_stride);
         break;
       default:
-        scatter_head<uint64_t>(d, s, run, row, dims, l.token_stride, l.elem_stride);
+        copy_head<uint64_t, kToPages>(p, r, run, row, dims, l.token_stride, l.elem_stride);
     }
+  }
+}
+
+}  // namespace
+
+void LoadJob::scatter_rows(int kv, uint8_t* dst, const uint8_t* rows, int64_t run) const {
+  copy_block_rows<true>(layouts_[kv], dst, const_cast<uint8_t*>(rows), run);  // rows are only read
+}
+
+void gather_pages(const PagedLayout& l, const uint8_t* pages, const std::vector<int64_t>& block_table,
+                  int64_t num_tokens, uint8_t* out) {
+  const int64_t bs = l.block_size;
+  for (int64_t t = 0; t < num_tokens; t += bs) {
+    uint8_t* block = const_cast<uint8_t*>(pages) + block_table[t / bs] * l.block_stride;  // only read
+    copy_block_rows<false>(l, block, out + t * l.row_bytes(), std::min(bs, num_tokens - t));
   }
 }
 

@@ -112,6 +112,12 @@ class ChunkSink {
   virtual Status layer_complete(int64_t layer) = 0;
 };
 
+// Tokens [0, num_tokens) of the sequence over `block_table` (its ids checked by check_block_table), out of pages
+// laid out as `layout` into `out`: packed rows [num_tokens, H, head_bytes], as a .kvf chunk holds them. The
+// mirror of a load's scatter (vLLM CPU's transposed K included); one thread, the caller's.
+void gather_pages(const PagedLayout& layout, const uint8_t* pages, const std::vector<int64_t>& block_table,
+                  int64_t num_tokens, uint8_t* out);
+
 // One load in flight. Starts its threads in the constructor; the destructor cancels and joins them.
 class LoadJob {
  public:

@@ -25,6 +25,12 @@ def expcode_decode(src: Buffer, out: Buffer, tokens: int, heads: int, head_dim: 
     Every size, table and stream is checked (§7.1, §7.2); ``ValueError`` naming the field when one is inconsistent
     (``out`` may then be partly written)."""
 
+def gather_pages(pages: Buffer, block_table: np.ndarray, num_tokens: int, out: Buffer) -> None:
+    """Tokens ``[0, num_tokens)`` of the sequence over ``block_table`` out of one layer's K or V ``pages`` (a uint8
+    array as :class:`LoadJob` takes for one destination, strided ``head_dim`` included) into ``out`` (writable,
+    C-contiguous, ``num_tokens * H * head_bytes`` bytes: packed rows, NHD, as a .kvf chunk holds them). The
+    mirror of a load's scatter, on the calling thread, GIL released. ``ValueError`` on inconsistent arguments."""
+
 class LoadJob:
     """A load of .kvf chunks into host paged K/V pages, running on its own threads (csrc/paged_loader.h).
 

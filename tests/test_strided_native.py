@@ -72,6 +72,39 @@ def test_every_strided_layout_loads_natively_and_bitwise(tmp_path, k_order, v_or
         assert torch.equal(gk, k[layer][:n]) and torch.equal(gv, v[layer][:n])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("k_order", INNER, ids="".join)
+@pytest.mark.parametrize("v_order", INNER, ids="".join)
+def test_the_native_gather_reads_every_strided_layout_like_the_reference(k_order, v_order, dtype) -> None:
+    """KVPages.gather of host pages runs natively (the mirror of the scatter: what a background save reads out of
+    vLLM CPU's transposed K); its rows equal the PyTorch reference's bit for bit, padding around the view
+    untouched by either."""
+    from kvfast.cache import ops
+
+    g = torch.Generator().manual_seed(7)
+    made = [[strided_pages(k_order, dtype, 5), strided_pages(v_order, dtype, 3)] for _ in range(LAYERS)]
+    for (_, k_storage), (_, v_storage) in made:  # every byte set, padding included: a stray read would show
+        for s in (k_storage, v_storage):
+            s.copy_(torch.randn(s.shape, generator=g).to(dtype))
+    pages = KVPages([m[0][0] for m in made], [m[1][0] for m in made], layout="HND")
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    for n, table in ((3 * BLOCK + 5, [4, 0, 5, 2]), (BLOCK, [3]), (1, [5]), (BLOCKS * BLOCK, [5, 4, 3, 2, 1, 0])):
+        for layer in range(LAYERS):
+            got = pages.gather(layer, table, n, start=n // 3)
+            want = ops.gather_kv(pages.keys[layer], pages.values[layer], torch.tensor(table), n, layout="HND")
+            for a, b in zip(got, want):
+                assert a.is_contiguous() and torch.equal(a.view(bits), b[n // 3:].view(bits))
+
+
+def test_the_native_gather_refuses_block_ids_outside_the_pages() -> None:
+    (k, _), (v, _) = strided_pages(("d", "t", "h"), torch.bfloat16, 0), strided_pages(("h", "t", "d"), torch.bfloat16, 0)
+    pages = KVPages([k], [v], layout="HND")
+    with pytest.raises(kvfast.PagesError, match=f"block id {BLOCKS} is outside"):
+        pages.gather(0, [0, BLOCKS], BLOCK + 1)
+    with pytest.raises(kvfast.PagesError, match="need 2 blocks"):
+        pages.gather(0, [0], BLOCK + 1)
+
+
 def test_vllm_cpu_layout_loads_natively_from_a_real_file(tmp_path) -> None:
     """vLLM CPU's ``vec`` layout ([B, H, N, 2D]; per (block, head): K as [D, N], then V as [N, D]) at its block size
     of 128, bf16, several threads: the native job takes it and writes what the backend's own layout holds."""

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvfast._backend import paged_kernels
+from kvfast._backend import native, paged_kernels
 from kvfast.cache import ops
 from kvfast.errors import PagesError
 
@@ -123,10 +123,35 @@ class KVPages:
     def gather(self, layer: int, block_table: Sequence[int] | torch.Tensor, num_tokens: int,
                start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Contiguous copies of K and V of layer ``layer`` at positions ``[start, num_tokens)`` of a sequence over
-        ``block_table``, each ``[num_tokens - start, H, D]``."""
-        table = torch.as_tensor(block_table, dtype=torch.long, device=self.device)
-        k, v = self._kernels().gather_kv(self.keys[layer], self.values[layer], table, num_tokens, layout=self.layout)
+        ``block_table``, each ``[num_tokens - start, H, D]``.
+
+        Host pages go through the native gather when it is built (one thread, GIL released, any strides: the
+        mirror of a load's scatter); a torch copy out of strided views such as vLLM CPU's transposed K spreads
+        over torch's threads and runs an element at a time.
+        """
+        if native is not None and self.device.type == "cpu" and num_tokens > 0:
+            table = self.check_block_ids(block_table, num_tokens)
+            out = []
+            for pages in (self.keys[layer], self.values[layer]):
+                rows = torch.empty(num_tokens, self.num_kv_heads, self.head_dim, dtype=self.dtype)
+                native.gather_pages(self.byte_view(pages), table, num_tokens, rows.view(torch.uint8).numpy())
+                out.append(rows)
+            k, v = out
+        else:
+            table = torch.as_tensor(block_table, dtype=torch.long, device=self.device)
+            k, v = self._kernels().gather_kv(self.keys[layer], self.values[layer], table, num_tokens,
+                                             layout=self.layout)
         return k[start:], v[start:]
+
+    def byte_view(self, pages: torch.Tensor) -> np.ndarray:
+        """One layer's K or V ``pages`` (host memory) as the uint8 ``[num_blocks, block_size, H, D, itemsize]``
+        array the native routines take, at the pages' strides in bytes (``D`` may be strided: vLLM CPU's K);
+        shares memory with the pages."""
+        t = self.token_major(pages)
+        item = t.element_size()
+        raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+        view = raw.as_strided((*t.shape, item), (*(s * item for s in t.stride()), 1), t.storage_offset() * item)
+        return view.numpy()
 
     def _kernels(self) -> Any:
         # CPU pages stay on the PyTorch reference; CUDA pages use the GPU kernels kvfast._backend picks.

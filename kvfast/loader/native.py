@@ -33,17 +33,6 @@ WAIT_SLICE_S = 0.05
 _DESTS: weakref.WeakKeyDictionary[KVPages, list[tuple[np.ndarray, np.ndarray]]] = weakref.WeakKeyDictionary()
 
 
-def _host_pages(pages: KVPages, tensor: torch.Tensor) -> np.ndarray:
-    """One layer's K or V pages as the uint8 ``[num_blocks, block_size, H, head_dim, itemsize]`` array the native
-    loader writes into, at the pages' strides in bytes (D may be strided: vLLM CPU's K); shares memory with the
-    pages."""
-    t = pages.token_major(tensor)
-    item = t.element_size()
-    raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
-    view = raw.as_strided((*t.shape, item), (*(s * item for s in t.stride()), 1), t.storage_offset() * item)
-    return view.numpy()
-
-
 class NativeJob:
     """kvfast._C.LoadJob over host pages: the chunks of the first ``n`` tokens into blocks ``table``."""
 
@@ -62,7 +51,7 @@ class NativeJob:
         # An engine loads into the same pages on every request: their byte views are made once.
         dests = _DESTS.get(pages)
         if dests is None:
-            dests = _DESTS[pages] = [(_host_pages(pages, k), _host_pages(pages, v))
+            dests = _DESTS[pages] = [(pages.byte_view(k), pages.byte_view(v))
                                      for k, v in zip(pages.keys, pages.values)]
         return native.LoadJob(fd, chunks, dests, table, n, method=method, threads=threads, verify=verify,
                               piece_bytes=PIECE_BYTES)
