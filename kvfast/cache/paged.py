@@ -47,7 +47,12 @@ class BlockAllocator:
         if n > len(self._free):
             raise CacheFullError(f"need {n} free blocks, {len(self._free)} of {self.num_blocks} left; free "
                                  "sequences or create the cache with more num_blocks")
-        blocks = [self._free.pop() for _ in range(n)]
+        # Ctrl-C raises KeyboardInterrupt only at a call or a loop's jump: everything a call may interrupt is done
+        # before the first change, and the changes themselves (slicing, deleting, a numpy store) contain no such
+        # point. So an allocation happens whole or not at all, never with blocks popped and lost.
+        cut = len(self._free) - n
+        blocks = self._free[cut:][::-1]  # pop() order: low block ids first
+        del self._free[cut:]
         self.refcount[blocks] = 1
         return blocks
 
@@ -58,10 +63,11 @@ class BlockAllocator:
         held = np.bincount(np.asarray(blocks, dtype=np.int64), minlength=self.num_blocks)
         if (held > self.refcount).any():  # check first, so a bad call changes nothing
             raise RuntimeError(f"blocks {np.flatnonzero(held > self.refcount).tolist()} freed more often than held")
-        for b in blocks:
-            self.refcount[b] -= 1
-            if self.refcount[b] == 0:
-                self._free.append(b)
+        freed = [b for b in dict.fromkeys(blocks) if self.refcount[b] == held[b]]  # in the order given
+        # As in allocate: both changes are free of the points where Ctrl-C can interrupt (an in-place operator
+        # is not a call), so a free is never half done.
+        self.refcount -= held
+        self._free += freed
 
 
 class PagedKVCache:
@@ -209,7 +215,7 @@ class PagedKVCache:
     def free(self, seq: KVSequence) -> None:
         """Drop ``seq``'s block references; blocks no other sequence holds return to the free list."""
         self.allocator.decref(seq.block_table)
-        seq.block_table, seq.num_tokens = [], 0
+        seq.block_table, seq.num_tokens = [], 0  # no call between: a second free of seq (after Ctrl-C) is a no-op
 
     # -- data -------------------------------------------------------------------------------------------
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -89,8 +89,13 @@ def load(path: Source, cache: PagedKVCache, *, model: Any | None = None, fingerp
         >>> cache = kvfast.PagedKVCache.for_model(model, num_blocks=1024)  # doctest: +SKIP
         >>> seq = kvfast.load("doc.kvf", cache, model=model)                # doctest: +SKIP
     """
-    return _load(path, cache, model, fingerprint, num_tokens, token_ids, verify, threads, backend, method,
-                 trusted_keys, blocking=True).wait()
+    handle = _load(path, cache, model, fingerprint, num_tokens, token_ids, verify, threads, backend, method,
+                   trusted_keys, blocking=True)
+    try:  # Ctrl-C can land on entering wait(), before its own handler: the blocks are given back here then
+        return handle.wait()
+    except BaseException as exc:
+        handle.abandon(exc)
+        raise
 
 
 def load_async(path: Source, cache: PagedKVCache, *, model: Any | None = None, fingerprint: str | None = None,
@@ -178,6 +183,10 @@ def _load(path: Source, cache: PagedKVCache, model: Any | None, fingerprint: str
     try:
         cache.append_slots(seq, n)
         table = np.asarray(seq.block_table, dtype=np.int64)
+        # Inside the try: Ctrl-C can land on entering _run, before its own handler (which also frees: a no-op
+        # the second time, and it closes the reader then).
+        return _run(reader, owned, cache.pages, table, n, verify, threads, backend, method, blocking=blocking,
+                    signed=signed, sequence=seq, on_failure=lambda: cache.free(seq))
     except BaseException as e:  # CacheFullError, or Ctrl-C once blocks may be taken
         cache.free(seq)
         if owned:
@@ -185,8 +194,6 @@ def _load(path: Source, cache: PagedKVCache, model: Any | None, fingerprint: str
         if isinstance(e, CacheFullError):
             raise CacheFullError(f"cannot load {n} tokens: {e}", path=reader.path) from None
         raise
-    return _run(reader, owned, cache.pages, table, n, verify, threads, backend, method, blocking=blocking,
-                signed=signed, sequence=seq, on_failure=lambda: cache.free(seq))
 
 
 def _open_checked(source: Source, pages: KVPages, model: Any | None, fingerprint: str | None,

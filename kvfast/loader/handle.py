@@ -150,7 +150,7 @@ class LoadHandle:
             if finished:
                 self._settle(self._job.exception())
         except BaseException as exc:  # Ctrl-C (or another signal handler's exception) while waiting or settling
-            self._abandon(exc)
+            self.abandon(exc)
             raise
         if not finished:
             raise TimeoutError(f"load not finished within {timeout} s")
@@ -172,10 +172,13 @@ class LoadHandle:
         for fn in callbacks:
             fn(error)
 
-    def _abandon(self, exc: BaseException) -> None:
+    def abandon(self, exc: BaseException) -> None:
         """The caller stops waiting with ``exc``: cancel, wait until no worker can write a block any more, then
         settle as failed with ``exc``. A load that had already succeeded is given back too: the caller never
-        receives its sequence."""
+        receives its sequence. Calling it again changes nothing."""
+        with self._lock:
+            if self._settled and self._error is not None:  # failed or abandoned already: given back then
+                return
         stop(self._job)
         with self._lock:
             succeeded = self._settled and self._error is None
