@@ -147,8 +147,9 @@ std::unique_ptr<PyLoadJob> make_job(int fd, py::array_t<int64_t, py::array::c_st
 }
 
 // gather_pages: the block table checked as a load's is, `out` checked to hold exactly the packed rows.
-void py_gather_pages(const py::object& pages, py::array_t<int64_t, py::array::c_style | py::array::forcecast> block_table,
-                     int64_t num_tokens, py::buffer out) {
+void py_gather_pages(const py::object& pages,
+                     py::array_t<int64_t, py::array::c_style | py::array::forcecast> block_table, int64_t num_tokens,
+                     py::buffer out) {
   kvfast::PagedLayout layout;
   const uint8_t* src = page_pointer(pages, &layout, true, "pages");
   if (block_table.ndim() != 1) value_error("block_table must be 1-d");
@@ -163,8 +164,9 @@ void py_gather_pages(const py::object& pages, py::array_t<int64_t, py::array::c_
     expect *= info.shape[i];
   }
   if (info.size * info.itemsize != num_tokens * layout.row_bytes())
-    value_error("out must hold num_tokens * num_heads * head_bytes = " + std::to_string(num_tokens * layout.row_bytes()) +
-                " bytes, got " + std::to_string(info.size * info.itemsize));
+    value_error("out must hold num_tokens * num_heads * head_bytes = " +
+                std::to_string(num_tokens * layout.row_bytes()) + " bytes, got " +
+                std::to_string(info.size * info.itemsize));
   py::gil_scoped_release release;
   kvfast::gather_pages(layout, src, table, num_tokens, static_cast<uint8_t*>(info.ptr));
 }

@@ -16,9 +16,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "backend": ("kvfast._backend", "backend"),
     **{name: ("kvfast.errors", name) for name in (
         "CacheFullError", "ChecksumError", "CodecError", "DtypeMismatchError", "FileAccessError", "FileMissingError",
-        "FormatError", "InvalidArgumentError", "KvfastError", "LayoutError", "LedgerError", "ManifestError", "ModelMismatchError",
-        "NotKvfError", "OriginError", "PagesError", "ShapeMismatchError", "SignatureError", "TokenMismatchError",
-        "TruncatedFileError", "UnsupportedCodecError", "UnsupportedVersionError")},
+        "FormatError", "InvalidArgumentError", "KvfastError", "LayoutError", "LedgerError", "ManifestError",
+        "ModelMismatchError", "NotKvfError", "OriginError", "PagesError", "ShapeMismatchError", "SignatureError",
+        "TokenMismatchError", "TruncatedFileError", "UnsupportedCodecError", "UnsupportedVersionError")},
     **{name: ("kvfast.identity", name) for name in (
         "block_hashes", "checkpoint_fingerprint", "document_key", "fingerprint")},
     "KvfReader": ("kvfast.format", "KvfReader"),
@@ -39,13 +39,14 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 
 __all__ = [  # every public name (a literal, for type checkers and IDEs)
     "AuditReport", "CacheFullError", "ChecksumError", "CodecError", "DtypeMismatchError", "FileAccessError",
-    "FileMissingError", "FormatError", "GenerationOutput", "InvalidArgumentError", "KVPages", "KVSequence", "KvfReader", "KvfastError",
-    "LayoutError", "Ledger", "LedgerError", "LoadHandle", "Manifest", "ManifestError", "ModelMismatchError",
-    "NotKvfError", "Origin", "OriginConfig", "OriginError", "PagedCache", "PagedKVCache", "PagesError", "ShapeMismatchError", "SignatureError", "Store",
-    "StoreEntry", "StoreKey", "StoreMatch", "StoreStats", "TokenMismatchError", "TruncatedFileError",
-    "UnsupportedCodecError", "UnsupportedVersionError", "VerifyReport", "audit", "backend", "block_hashes",
-    "capture_kv", "checkpoint_fingerprint", "document_key", "extend", "fingerprint", "generate", "keygen", "load",
-    "load_async", "load_into", "open", "publish", "save_kv", "sign", "verify", "verify_signature",
+    "FileMissingError", "FormatError", "GenerationOutput", "InvalidArgumentError", "KVPages", "KVSequence",
+    "KvfReader", "KvfastError", "LayoutError", "Ledger", "LedgerError", "LoadHandle", "Manifest", "ManifestError",
+    "ModelMismatchError", "NotKvfError", "Origin", "OriginConfig", "OriginError", "PagedCache", "PagedKVCache",
+    "PagesError", "ShapeMismatchError", "SignatureError", "Store", "StoreEntry", "StoreKey", "StoreMatch",
+    "StoreStats", "TokenMismatchError", "TruncatedFileError", "UnsupportedCodecError", "UnsupportedVersionError",
+    "VerifyReport", "audit", "backend", "block_hashes", "capture_kv", "checkpoint_fingerprint", "document_key",
+    "extend", "fingerprint", "generate", "keygen", "load", "load_async", "load_into", "open", "publish", "save_kv",
+    "sign", "verify", "verify_signature",
 ]
 
 

@@ -97,7 +97,7 @@ def test_the_native_gather_reads_every_strided_layout_like_the_reference(k_order
 
 
 def test_the_native_gather_refuses_block_ids_outside_the_pages() -> None:
-    (k, _), (v, _) = strided_pages(("d", "t", "h"), torch.bfloat16, 0), strided_pages(("h", "t", "d"), torch.bfloat16, 0)
+    (k, _), (v, _) = (strided_pages(order, torch.bfloat16, 0) for order in (("d", "t", "h"), ("h", "t", "d")))
     pages = KVPages([k], [v], layout="HND")
     with pytest.raises(kvfast.PagesError, match=f"block id {BLOCKS} is outside"):
         pages.gather(0, [0, BLOCKS], BLOCK + 1)
