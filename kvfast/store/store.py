@@ -317,9 +317,10 @@ class Store:
                 self._readers.move_to_end(entry.path)
                 return held[1]
         reader = open_kvf(entry.path)
+        st = os.fstat(reader.fileno())  # the file opened, which another put may have replaced since the stat
         with self._mutex:
             # Dropped, not closed: a load may still read through it (a reader closes itself when unreferenced).
-            self._readers[entry.path] = (stamp, reader)
+            self._readers[entry.path] = ((st.st_dev, st.st_ino, st.st_size), reader)
             self._readers.move_to_end(entry.path)
             while len(self._readers) > _OPEN_READERS:
                 self._readers.popitem(last=False)
