@@ -240,8 +240,8 @@ namespace {
 #if defined(__SSE2__)
 constexpr bool kVectorTiles = true;
 
-// W x W elements: `from` rows `from_stride` bytes apart (a token's elements) -> `to` rows `to_stride` apart (an
-// element's tokens); W = 16 / sizeof(T).
+// W x W elements transposed: `from` rows `from_stride` bytes apart -> `to` rows `to_stride` apart; W = 16 /
+// sizeof(T). A load turns a token's elements into an element's tokens, a gather the reverse.
 template <class T>
 void transpose_tile(uint8_t* to, int64_t to_stride, const uint8_t* from, int64_t from_stride) {
   auto load = [&](int i) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(from + i * from_stride)); };
